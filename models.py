@@ -1,0 +1,233 @@
+"""The paper's networks: a 4x200 MLP and ResNet-18, with one head per task and addressable neurons.
+
+Every hidden Linear unit and every Conv2d output channel is a neuron (a Shapley player). Each such
+layer is followed by a `NeuronGate` that can replace chosen neurons' outputs by constants: the removal
+used by V(S) and by task-subnetwork inference (Eq. 1). In the ResNet the gate sits after the conv's
+BatchNorm: in eval mode BN is a per-channel affine map, so replacing its output by its mean is exactly
+the paper's replacement of the conv output by its mean, and a removed neuron's constant then no longer
+depends on its (plastic) BatchNorm.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class NeuronGate(nn.Module):
+    """Identity unless gated: y = x where keep, else the constant mu (per neuron, broadcast over H x W).
+
+    keep is [n] (one coalition) or [K, n] (K coalitions; the batch is then K groups of equal size).
+    """
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.keep: Tensor | None = None
+        self.const: Tensor | None = None
+        self.sums: Tensor | None = None
+        self.count = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, n] or [B, n, H, W]."""
+        if self.sums is not None:
+            dims = [0] + list(range(2, x.dim()))
+            self.sums += x.detach().double().sum(dim=dims)
+            self.count += x.numel() // self.n
+        if self.keep is None:
+            return x
+        spatial = (1,) * (x.dim() - 2)
+        const = self.const.view(self.n, *spatial).to(x.dtype)
+        if self.keep.dim() == 1:
+            return torch.where(self.keep.view(self.n, *spatial), x, const)
+        k = self.keep.shape[0]
+        xs = x.view(k, x.shape[0] // k, *x.shape[1:])
+        return torch.where(self.keep.view(k, 1, self.n, *spatial), xs, const).view_as(x)
+
+
+@dataclass
+class NeuronLayer:
+    """One layer of players: the module whose output rows are neurons, its BatchNorm and its gate."""
+
+    name: str
+    producer: nn.Linear | nn.Conv2d
+    gate: NeuronGate
+    bn: nn.BatchNorm2d | None
+
+
+class ContinualNet(nn.Module):
+    """A backbone of gated neuron layers plus one linear head per task."""
+
+    feature_dim: int
+    layers: list[NeuronLayer]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList()
+
+    def features(self, x: Tensor) -> Tensor:
+        """x: [B, C, H, W] -> [B, feature_dim]."""
+        raise NotImplementedError
+
+    @property
+    def num_neurons(self) -> int:
+        """N: the number of players (hidden units and conv filters)."""
+        return sum(layer.gate.n for layer in self.layers)
+
+    @property
+    def layer_sizes(self) -> list[int]:
+        return [layer.gate.n for layer in self.layers]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def add_head(self, num_classes: int) -> None:
+        """Create the head of a new task (He-initialised)."""
+        device = next(self.parameters()).device
+        head = nn.Linear(self.feature_dim, num_classes).to(device)
+        he_init(head)
+        self.heads.append(head)
+
+    def forward(self, x: Tensor, task: int) -> Tensor:
+        """Task-incremental logits of `task`'s head: [B, C]."""
+        return self.heads[task](self.features(x))
+
+    def split_neurons(self, values: Tensor) -> list[Tensor]:
+        """Split a per-neuron vector [..., N] into per-layer chunks [..., n_l]."""
+        return list(torch.split(values, self.layer_sizes, dim=-1))
+
+    def _set_gates(self, keep: Tensor | None, const: Tensor | None) -> None:
+        if keep is None:
+            for layer in self.layers:
+                layer.gate.keep = layer.gate.const = None
+            return
+        for layer, k, c in zip(self.layers, self.split_neurons(keep), self.split_neurons(const)):
+            layer.gate.keep, layer.gate.const = k, c
+
+    @contextlib.contextmanager
+    def gated(self, keep: Tensor | None, const: Tensor | None) -> Iterator[None]:
+        """Within the block, neurons outside `keep` ([N] or [K, N] bool) output `const` ([N])."""
+        self._set_gates(keep, const)
+        try:
+            yield
+        finally:
+            self._set_gates(None, None)
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[list[NeuronGate]]:
+        """Within the block, gates accumulate the sum and count of their inputs (for mu)."""
+        for layer in self.layers:
+            layer.gate.sums = torch.zeros(layer.gate.n, dtype=torch.float64, device=layer.producer.weight.device)
+            layer.gate.count = 0
+        try:
+            yield [layer.gate for layer in self.layers]
+        finally:
+            for layer in self.layers:
+                layer.gate.sums = None
+
+
+def he_init(module: nn.Module) -> None:
+    """Kaiming-normal weights (fan_out for convs, fan_in for linears), zero biases, unit BatchNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class MLP(ContinualNet):
+    """The PMNIST MLP: input -> `depth` x `width` ReLU layers (784-200-200-200-200 by default)."""
+
+    def __init__(self, in_features: int = 784, width: int = 200, depth: int = 4) -> None:
+        super().__init__()
+        dims = [in_features] + [width] * depth
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.gates = nn.ModuleList(NeuronGate(width) for _ in range(depth))
+        self.layers = [NeuronLayer(f"fc{i + 1}", lin, g, None) for i, (lin, g) in enumerate(zip(self.linears, self.gates))]
+        self.feature_dim = width
+        he_init(self)
+
+    def features(self, x: Tensor) -> Tensor:
+        h = x.flatten(1)
+        for lin, gate in zip(self.linears, self.gates):
+            h = F.relu(gate(lin(h)))
+        return h
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block; each conv (and the 1x1 shortcut conv) is followed by BatchNorm, then a gate."""
+
+    def __init__(self, cin: int, cout: int, stride: int, name: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.gate1, self.bn1 = NeuronGate(cout), nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.gate2, self.bn2 = NeuronGate(cout), nn.BatchNorm2d(cout)
+        self.layers = [NeuronLayer(f"{name}.conv1", self.conv1, self.gate1, self.bn1),
+                       NeuronLayer(f"{name}.conv2", self.conv2, self.gate2, self.bn2)]
+        self.shortcut: nn.Sequential | None = None
+        if stride != 1 or cin != cout:
+            conv, gate, bn = nn.Conv2d(cin, cout, 1, stride, bias=False), NeuronGate(cout), nn.BatchNorm2d(cout)
+            self.shortcut = nn.Sequential(conv, bn, gate)
+            self.layers.append(NeuronLayer(f"{name}.shortcut", conv, gate, bn))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.gate1(self.bn1(self.conv1(x))))
+        out = self.gate2(self.bn2(self.conv2(out)))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet18(ContinualNet):
+    """ResNet-18. stem="cifar": 3x3 stride-1 stem, no max-pool (32x32, 64x64); "imagenet": 7x7/2 + max-pool.
+
+    With width w the stages have w, 2w, 4w, 8w channels: N = 4,800 neurons (20 convs) at w = 64.
+    """
+
+    def __init__(self, in_channels: int = 3, width: int = 64, stem: str = "cifar") -> None:
+        super().__init__()
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"unknown ResNet stem {stem!r}: use 'cifar' or 'imagenet'")
+        k, s, p = (3, 1, 1) if stem == "cifar" else (7, 2, 3)
+        self.conv1 = nn.Conv2d(in_channels, width, k, s, p, bias=False)
+        self.gate1, self.bn1 = NeuronGate(width), nn.BatchNorm2d(width)
+        self.pool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()
+        blocks, cin = [], width
+        for stage, mult in enumerate((1, 2, 4, 8)):
+            for i in range(2):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(BasicBlock(cin, width * mult, stride, f"layer{stage + 1}.{i}"))
+                cin = width * mult
+        self.blocks = nn.ModuleList(blocks)
+        self.layers = [NeuronLayer("conv1", self.conv1, self.gate1, self.bn1)]
+        for block in self.blocks:
+            self.layers += block.layers
+        self.feature_dim = cin
+        he_init(self)
+
+    def features(self, x: Tensor) -> Tensor:
+        h = self.pool(F.relu(self.gate1(self.bn1(self.conv1(x)))))
+        for block in self.blocks:
+            h = block(h)
+        return F.adaptive_avg_pool2d(h, 1).flatten(1)
+
+
+ARCHS = ("mlp", "resnet18")
+
+
+def build_model(arch: str, input_shape: tuple[int, int, int], width: int | None = None) -> ContinualNet:
+    """The backbone for `arch` on inputs of shape (C, H, W); width None means the paper's (200 / 64)."""
+    c, h, w = input_shape
+    if arch == "mlp":
+        return MLP(c * h * w, width or 200)
+    if arch == "resnet18":
+        return ResNet18(c, width or 64, "imagenet" if h >= 128 else "cifar")
+    raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")

@@ -1,0 +1,333 @@
+"""Shapley Neuron Valuation: V(S), exact and Monte Carlo Shapley values, top-k selection, freezing.
+
+Notation (the paper's): N neurons (players); V(S) = validation accuracy of the trained network with
+every neuron outside S replaced by its mean activation mu_i; phi_i = Shapley value of neuron i;
+tau = truncation threshold; alpha = bandit confidence (z_alpha); c = capacity, k = floor(c N);
+S_t = top-k neurons of task t; B_t = B_{t-1} U S_t = the cumulative frozen mask.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from models import ContinualNet
+
+ValueFn = Callable[[Tensor], Tensor]
+"""V: coalitions as keep-masks [K, N] bool -> values [K] float64."""
+
+
+@torch.no_grad()
+def mean_activations(model: ContinualNet, batches: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
+    """mu: [N], each neuron's mean output (over batch, and H x W for a filter), in eval mode."""
+    model.eval()
+    with model.capturing() as gates:
+        for x, _ in batches:
+            model.features(x)
+        if gates[0].count == 0:
+            raise ValueError("mean_activations got no data: the validation split is empty")
+        return torch.cat([g.sums / g.count for g in gates]).float()
+
+
+class MaskedAccuracy:
+    """V(S) = accuracy of head `task` on a fixed evaluation set, neurons outside S replaced by mu.
+
+    impl="naive" runs one forward pass per coalition; impl="fast" stacks `chunk` coalitions
+    along the batch dimension. Both return identical values.
+    """
+
+    def __init__(self, model: ContinualNet, task: int, x: Tensor, y: Tensor, mu: Tensor,
+                 impl: str = "fast", chunk: int = 32) -> None:
+        if impl not in ("naive", "fast"):
+            raise ValueError(f"unknown Shapley implementation {impl!r}: use 'fast' or 'naive'")
+        self.model, self.task, self.x, self.y, self.mu = model, task, x, y, mu
+        self.impl, self.chunk = impl, chunk
+        self.evaluations = 0
+
+    @torch.no_grad()
+    def __call__(self, keeps: Tensor) -> Tensor:
+        """keeps: [K, N] bool -> V: [K] float64 (fraction correct)."""
+        self.model.eval()
+        self.evaluations += keeps.shape[0]
+        step = 1 if self.impl == "naive" else self.chunk
+        out = []
+        for start in range(0, keeps.shape[0], step):
+            block = keeps[start:start + step]
+            with self.model.gated(block if self.impl == "fast" else block[0], self.mu):
+                x = self.x.repeat(block.shape[0], *([1] * (self.x.dim() - 1))) if self.impl == "fast" else self.x
+                pred = self.model(x, self.task).argmax(1).view(block.shape[0], -1)
+            out.append((pred == self.y).double().mean(1))
+        return torch.cat(out)
+
+
+def exact_shapley(v: ValueFn, n: int) -> Tensor:
+    """Eq. 5 by enumeration: phi_i = sum_{S in M minus i} |S|!(N-|S|-1)!/N! [V(S u {i}) - V(S)]. [N] float64."""
+    if n > 20:
+        raise ValueError(f"exact Shapley enumerates 2^N coalitions; N={n} is too large (max 20)")
+    codes = torch.arange(2 ** n)
+    bits = (codes.unsqueeze(1) >> torch.arange(n)) & 1
+    values = torch.cat([v(chunk.bool()) for chunk in torch.split(bits, 4096)]).double()
+    size = bits.sum(1)
+    weight = torch.tensor([math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) if s < n else 0.0
+                           for s in range(n + 1)], dtype=torch.float64)
+    phi = torch.empty(n, dtype=torch.float64)
+    for i in range(n):
+        without = codes[bits[:, i] == 0]
+        phi[i] = (weight[size[without]] * (values[without | (1 << i)] - values[without])).sum()
+    return phi
+
+
+@dataclass
+class ShapleyResult:
+    """Monte Carlo estimates phi [N] with their sample std and counts n_i, plus the cost of getting them."""
+
+    phi: Tensor
+    std: Tensor
+    counts: Tensor
+    orderings: int
+    evaluations: int
+    truncated_share: float
+    seconds: float
+    converged: bool
+
+    def cost(self) -> dict:
+        """The JSON-ready cost summary."""
+        return {"orderings": self.orderings, "evaluations": self.evaluations,
+                "truncated_share": round(self.truncated_share, 6), "seconds": round(self.seconds, 3),
+                "converged": self.converged}
+
+
+class _Marginals:
+    """Running sums of recorded marginals per neuron: n_i, mean phi_i, sample std sigma_i."""
+
+    def __init__(self, n: int) -> None:
+        self.sums = torch.zeros(n, dtype=torch.float64)
+        self.sumsq = torch.zeros(n, dtype=torch.float64)
+        self.counts = torch.zeros(n, dtype=torch.long)
+
+    def add(self, idx: Tensor, m: Tensor) -> None:
+        self.sums.index_add_(0, idx, m)
+        self.sumsq.index_add_(0, idx, m * m)
+        self.counts.index_add_(0, idx, torch.ones_like(idx))
+
+    def mean(self) -> Tensor:
+        return self.sums / self.counts.clamp(min=1)
+
+    def std(self) -> Tensor:
+        n = self.counts.double()
+        var = (self.sumsq - n * self.mean() ** 2) / (n - 1).clamp(min=1)
+        return var.clamp(min=0).sqrt()
+
+    def active(self, k: int, radius: Tensor, threshold: str = "kth") -> Tensor:
+        """Bandit active set A = {i : |phi_i - phi^(k)| < delta_i}; delta_i = inf where n_i < 2. [N] bool.
+
+        threshold="kth": phi^(k) is the k-th largest estimate (the paper; that neuron itself never
+        leaves A while sigma > 0). "midpoint": halfway between the k-th and (k+1)-th largest.
+        """
+        phi = self.mean()
+        top = phi.topk(min(k + 1, phi.numel())).values
+        phi_k = top[k - 1] if threshold == "kth" or k == phi.numel() else (top[k - 1] + top[k]) / 2
+        radius = torch.where(self.counts < 2, torch.full_like(radius, math.inf), radius)
+        return (phi - phi_k).abs() < radius
+
+    def result(self, **cost) -> ShapleyResult:
+        return ShapleyResult(self.mean(), self.std(), self.counts.clone(), **cost)
+
+
+def z_value(alpha: float) -> float:
+    """z_alpha, the two-sided normal quantile: 1.96 for alpha = 0.95."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"confidence alpha must be in (0, 1), got {alpha}")
+    return statistics.NormalDist().inv_cdf(1 - (1 - alpha) / 2)
+
+
+def _evaluate(v: ValueFn, keeps: Tensor, chunk: int) -> Tensor:
+    """V for many coalitions, `chunk` at a time. [K] float64."""
+    if keeps.shape[0] == 0:
+        return torch.empty(0, dtype=torch.float64)
+    return torch.cat([v(block) for block in torch.split(keeps, chunk)]).double().cpu()
+
+
+def permutation_shapley(v: ValueFn, n: int, k: int, *, tau: float = 0.1, alpha: float = 0.95,
+                        min_orderings: int = 5, max_orderings: int = 200, seed: int = 0,
+                        antithetic: bool = False, use_bandit: bool = True, threshold: str = "kth", chunk: int = 256,
+                        progress: bool = False, orderings: Tensor | None = None) -> ShapleyResult:
+    """SNV's estimator (Eq. 9): phi_i = E_pi[V(S_i^pi u {i}) - V(S_i^pi)], orderings walked forward from {}.
+
+    Truncation: a marginal whose base value V(S) <= tau is skipped (i joins S, nothing is recorded).
+    Bandit (after `min_orderings`): delta_i = z_alpha sigma_i / sqrt(n_i); only neurons in
+    A = {i : |phi_i - phi^(k)| < delta_i} are evaluated; stop when A is empty or at `max_orderings`.
+    Only the values V(S_p) that an active neuron's marginal needs are computed.
+    threshold: "kth" (the paper's phi^(k)) or "midpoint" (see `_Marginals.active`).
+    `orderings` ([M, N], optional) replaces the seeded random orderings (used by tests and by
+    distributed sharding); antithetic pairs each ordering with its reverse.
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"top-k needs 1 <= k <= N, got k={k}, N={n}")
+    if threshold not in ("kth", "midpoint"):
+        raise ValueError(f"unknown bandit threshold {threshold!r}: use 'kth' or 'midpoint'")
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    z = z_value(alpha)
+    full = torch.ones(1, n, dtype=torch.bool)
+    v_empty, v_full = _evaluate(v, torch.cat([~full, full]), chunk).tolist()
+    evaluations, recorded, truncated = 2, 0, 0
+    marg = _Marginals(n)
+    active = torch.ones(n, dtype=torch.bool)
+    total = max_orderings if orderings is None else orderings.shape[0]
+    bar = tqdm(total=total, desc="shapley", disable=not progress, leave=False)
+    done = 0
+    while done < total and bool(active.any()):
+        if orderings is not None:
+            pi = orderings[done]
+        elif antithetic and done % 2 == 1:
+            pi = pi.flip(0)
+        else:
+            pi = torch.randperm(n, generator=gen)
+        act = active[pi]
+        need = torch.zeros(n + 1, dtype=torch.bool)
+        need[1:n] = act[:-1] | act[1:]
+        pos = need.nonzero().squeeze(1)
+        keeps = torch.arange(n).unsqueeze(0) < pos.unsqueeze(1)
+        values = torch.full((n + 1,), math.nan, dtype=torch.float64)
+        values[0], values[n] = v_empty, v_full
+        values[pos] = _evaluate(v, keeps[:, pi.argsort()], chunk)
+        evaluations += int(pos.numel())
+        steps = act.nonzero().squeeze(1)
+        base, after = values[steps], values[steps + 1]
+        keep = base > tau
+        recorded += int(keep.sum())
+        truncated += int((~keep).sum())
+        marg.add(pi[steps[keep]], (after - base)[keep])
+        done += 1
+        if use_bandit and done >= min_orderings:
+            active = marg.active(k, z * marg.std() / marg.counts.double().clamp(min=1).sqrt(), threshold)
+        bar.update(1)
+        bar.set_postfix(active=int(active.sum()))
+    bar.close()
+    return marg.result(orderings=done, evaluations=evaluations,
+                       truncated_share=truncated / max(recorded + truncated, 1),
+                       seconds=time.perf_counter() - start, converged=not bool(active.any()))
+
+
+def neuron_shapley(v: ValueFn, n: int, k: int, *, delta: float = 0.2, tolerance: float = 0.2,
+                   patience: int = 6, value_range: float = 1.0, min_orderings: int = 5,
+                   max_orderings: int = 200, seed: int = 0, chunk: int = 64,
+                   progress: bool = False) -> ShapleyResult:
+    """Neuron Shapley's TMAB estimator (Ghorbani & Zou 2020): orderings walked in reverse from the full set.
+
+    Each ordering removes neurons one by one; the walk is truncated once `patience` consecutive
+    values lie within `tolerance` of V({}) (the rest get marginal 0). Bandit radius: the empirical
+    Bernstein bound sqrt(2 var ln(2/delta)/n) + 7 R ln(2/delta) / (3 (n-1)).
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"top-k needs 1 <= k <= N, got k={k}, N={n}")
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    log_term = math.log(2 / delta)
+    full = torch.ones(1, n, dtype=torch.bool)
+    v_empty, v_full = _evaluate(v, torch.cat([~full, full]), chunk).tolist()
+    evaluations, truncated = 2, 0
+    marg = _Marginals(n)
+    active = torch.ones(n, dtype=torch.bool)
+    done = 0
+    bar = tqdm(total=max_orderings, desc="neuron-shapley", disable=not progress, leave=False)
+    while done < max_orderings and bool(active.any()):
+        pi = torch.randperm(n, generator=gen)
+        rank = pi.argsort()
+        values = torch.full((n + 1,), v_empty, dtype=torch.float64)
+        values[0] = v_full
+        near, stop = 0, n
+        for p in range(1, n, chunk):
+            pos = torch.arange(p, min(p + chunk, n))
+            vals = _evaluate(v, (torch.arange(n).unsqueeze(0) >= pos.unsqueeze(1))[:, rank], chunk)
+            evaluations += int(pos.numel())
+            for j, val in zip(pos.tolist(), vals.tolist()):
+                values[j] = val
+                near = near + 1 if abs(val - v_empty) <= tolerance else 0
+                if near >= patience:
+                    stop = j
+                    break
+            if stop < n:
+                values[stop:] = values[stop]
+                truncated += n - stop
+                break
+        marg.add(pi, values[:-1] - values[1:])
+        done += 1
+        if done >= min_orderings:
+            cnt = marg.counts.double().clamp(min=2)
+            var = marg.std() ** 2
+            radius = (2 * var * log_term / cnt).sqrt() + 7 * value_range * log_term / (3 * (cnt - 1))
+            active = marg.active(k, radius)
+        bar.update(1)
+    bar.close()
+    return marg.result(orderings=done, evaluations=evaluations, truncated_share=truncated / max(done * n, 1),
+                       seconds=time.perf_counter() - start, converged=not bool(active.any()))
+
+
+def top_k(phi: Tensor, k: int) -> Tensor:
+    """S_t: the k neurons with the largest phi (ties to the lower index). [N] bool."""
+    order = torch.sort(phi, descending=True, stable=True).indices
+    mask = torch.zeros(phi.shape[0], dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def capacity_k(c: float, n: int) -> int:
+    """k = floor(c N), at least 1."""
+    if not 0 < c <= 1:
+        raise ValueError(f"capacity c (--sparsity) must be in (0, 1], got {c}")
+    return max(1, math.floor(c * n + 1e-9))
+
+
+class Freezer:
+    """Keeps everything that belongs to frozen neurons B_t (and to finished heads) bit-identical.
+
+    The paper's update theta <- theta - eta (dL/dtheta * M) zeroes the gradient of each frozen
+    neuron's weight row and bias (and its BatchNorm's affine parameters); because weight decay,
+    momentum and BatchNorm running statistics would still move them, `step` also restores those
+    entries (and the running statistics) from a snapshot after every optimizer step.
+    """
+
+    def __init__(self, model: ContinualNet, frozen: Tensor, frozen_heads: int) -> None:
+        self.entries: list[tuple[Tensor, Tensor, Tensor]] = []
+        for layer, mask in zip(model.layers, model.split_neurons(frozen.to(torch.bool))):
+            idx = mask.nonzero().squeeze(1).to(layer.producer.weight.device)
+            if idx.numel() == 0:
+                continue
+            tensors = [layer.producer.weight, layer.producer.bias]
+            if layer.bn is not None:
+                tensors += [layer.bn.weight, layer.bn.bias, layer.bn.running_mean, layer.bn.running_var]
+            self.entries += [(t, idx, t.detach()[idx].clone()) for t in tensors if t is not None]
+        for head in model.heads[:frozen_heads]:
+            for p in head.parameters():
+                self.entries.append((p, torch.arange(p.shape[0], device=p.device), p.detach().clone()))
+
+    def mask_gradients(self) -> None:
+        """dL/dtheta * M: zero the gradients of frozen entries."""
+        for t, idx, _ in self.entries:
+            if isinstance(t, nn.Parameter) and t.grad is not None:
+                t.grad.index_fill_(0, idx, 0.0)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the snapshot back into frozen entries (undoes weight decay, momentum, BN statistics)."""
+        for t, idx, saved in self.entries:
+            t.index_copy_(0, idx, saved)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """One masked optimizer step: mask gradients, step, restore frozen entries."""
+        self.mask_gradients()
+        optimizer.step()
+        self.restore()
+
+
+def layer_counts(model: ContinualNet, mask: Tensor) -> list[int]:
+    """Number of True entries of a neuron mask [N] in each layer."""
+    return [int(m.sum()) for m in model.split_neurons(mask)]

@@ -1,0 +1,375 @@
+"""Tests of the Shapley estimators, the neuron gates, freezing and the end-to-end loop."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+import snv_core
+import train
+from models import MLP, ResNet18, build_model
+
+
+# ----------------------------------------------------------------------------- games
+
+def additive(w: Tensor):
+    """V(S) = sum_{i in S} w_i: phi_i = w_i."""
+    return lambda keeps: (keeps.double() * w).sum(1)
+
+
+def glove(keeps: Tensor) -> Tensor:
+    """Glove game, left gloves {0, 1}, right glove {2}: phi = (1/6, 1/6, 2/3)."""
+    return torch.minimum(keeps[:, :2].double().sum(1), keeps[:, 2:3].double().sum(1))
+
+
+def unanimity(members: list[int]):
+    """V(S) = 1 iff S contains every member: phi_i = 1/|members| for members, 0 otherwise."""
+    return lambda keeps: keeps[:, members].all(1).double()
+
+
+def random_game(n: int, seed: int):
+    """A random set function (table of 2^n values) for brute-force comparisons."""
+    table = torch.rand(2 ** n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    powers = 2 ** torch.arange(n)
+    return lambda keeps: table[(keeps.long() * powers).sum(1)]
+
+
+def brute_force_shapley(v, n: int) -> Tensor:
+    """Shapley values as the average marginal over all n! orderings (the definition)."""
+    phi = torch.zeros(n, dtype=torch.float64)
+    perms = list(itertools.permutations(range(n)))
+    for perm in perms:
+        keep = torch.zeros(1, n, dtype=torch.bool)
+        prev = float(v(keep)[0])
+        for i in perm:
+            keep[0, i] = True
+            cur = float(v(keep)[0])
+            phi[i] += cur - prev
+            prev = cur
+    return phi / len(perms)
+
+
+# ----------------------------------------------------------------------------- exact Shapley (Eq. 5)
+
+def test_exact_matches_brute_force_on_random_games():
+    for seed in range(3):
+        v = random_game(5, seed)
+        assert torch.allclose(snv_core.exact_shapley(v, 5), brute_force_shapley(v, 5), atol=1e-12)
+
+
+def test_exact_analytic_games():
+    assert torch.allclose(snv_core.exact_shapley(glove, 3), torch.tensor([1 / 6, 1 / 6, 2 / 3], dtype=torch.float64))
+    phi = snv_core.exact_shapley(unanimity([1, 3, 4]), 6)
+    assert torch.allclose(phi, torch.tensor([0, 1 / 3, 0, 1 / 3, 1 / 3, 0], dtype=torch.float64))
+    w = torch.tensor([0.3, -0.1, 0.7, 0.0], dtype=torch.float64)
+    assert torch.allclose(snv_core.exact_shapley(additive(w), 4), w)
+
+
+def test_exact_rejects_large_n():
+    with pytest.raises(ValueError, match="too large"):
+        snv_core.exact_shapley(glove, 30)
+
+
+# ----------------------------------------------------------------------------- Monte Carlo (Eq. 9)
+
+def test_monte_carlo_converges_to_exact():
+    v = random_game(7, 11)
+    exact = snv_core.exact_shapley(v, 7)
+    errors = []
+    for m in (10, 300, 5000):
+        res = snv_core.permutation_shapley(v, 7, 2, tau=-math.inf, use_bandit=False, max_orderings=m, seed=3)
+        assert res.orderings == m and bool((res.counts == m).all())
+        errors.append(float((res.phi - exact).abs().max()))
+    assert errors[2] < errors[0] and errors[2] < 0.02
+
+
+def test_antithetic_orderings_still_converge():
+    v = random_game(6, 5)
+    exact = snv_core.exact_shapley(v, 6)
+    res = snv_core.permutation_shapley(v, 6, 2, tau=-math.inf, use_bandit=False, max_orderings=4000,
+                                       seed=1, antithetic=True)
+    assert float((res.phi - exact).abs().max()) < 0.02
+
+
+def test_efficiency_of_one_untruncated_ordering():
+    v = random_game(8, 2)
+    full, empty = torch.ones(1, 8, dtype=torch.bool), torch.zeros(1, 8, dtype=torch.bool)
+    res = snv_core.permutation_shapley(v, 8, 1, tau=-math.inf, use_bandit=False, max_orderings=1, seed=9)
+    assert math.isclose(float(res.phi.sum()), float(v(full)[0] - v(empty)[0]), abs_tol=1e-12)
+
+
+def test_truncation_skips_exactly_the_low_value_prefix():
+    # V(S) = |S| / 10 on a fixed ordering 0..9: the marginal of the neuron added at step p
+    # has base V = p/10, recorded only when p/10 > tau = 0.35, i.e. for p >= 4 (neurons 4..9).
+    n = 10
+    v = lambda keeps: keeps.double().sum(1) / n
+    res = snv_core.permutation_shapley(v, n, 1, tau=0.35, use_bandit=False, max_orderings=1,
+                                       orderings=torch.arange(n).unsqueeze(0))
+    assert res.counts.tolist() == [0] * 4 + [1] * 6
+    assert math.isclose(res.truncated_share, 0.4)
+    assert torch.allclose(res.phi[4:], torch.full((6,), 0.1, dtype=torch.float64))
+
+
+def test_bandit_stops_early_with_the_true_top_k():
+    # Well-separated values plus a noisy interaction term that keeps every marginal random.
+    n, k = 12, 3
+    w = torch.tensor([1.0, 0.9, 0.8] + [0.05] * 9, dtype=torch.float64)
+    noise = random_game(n, 4)
+    v = lambda keeps: (keeps.double() * w).sum(1) + 0.05 * noise(keeps)
+    res = snv_core.permutation_shapley(v, n, k, tau=-math.inf, alpha=0.95, max_orderings=500, seed=0,
+                                       threshold="midpoint")
+    assert res.converged and res.orderings < 500
+    assert snv_core.top_k(res.phi, k).nonzero().squeeze(1).tolist() == [0, 1, 2]
+    # the paper's phi^(k) = k-th largest keeps that neuron active: the walk runs to the cap,
+    # evaluating only the few neurons whose interval still covers phi^(k)
+    lit = snv_core.permutation_shapley(v, n, k, tau=-math.inf, alpha=0.95, max_orderings=500, seed=0)
+    assert not lit.converged and lit.orderings == 500 and lit.evaluations < 500 * (n - 1) / 3
+    assert snv_core.top_k(lit.phi, k).nonzero().squeeze(1).tolist() == [0, 1, 2]
+
+
+def test_bandit_evaluates_only_what_active_neurons_need():
+    v = additive(torch.arange(20, dtype=torch.float64))
+    res = snv_core.permutation_shapley(v, 20, 2, tau=-math.inf, max_orderings=50, seed=0)
+    # zero-variance marginals: the active set empties right after the 5 obligatory orderings
+    assert res.converged and res.orderings == 5 and res.evaluations == 2 + 5 * 19
+
+
+def test_neuron_shapley_reverse_estimator():
+    v = random_game(6, 8)
+    exact = snv_core.exact_shapley(v, 6)
+    res = snv_core.neuron_shapley(v, 6, 2, tolerance=-1.0, max_orderings=3000, min_orderings=3000, seed=2)
+    assert float((res.phi - exact).abs().max()) < 0.03
+    # truncation: a game that is at V({}) once neuron 0 is gone stops each walk there
+    v0 = lambda keeps: keeps[:, 0].double() * (1 + keeps.double().sum(1))
+    res = snv_core.neuron_shapley(v0, 30, 1, patience=3, tolerance=0.0, max_orderings=20, min_orderings=20)
+    assert res.truncated_share > 0.3 and res.evaluations < 20 * 30
+
+
+def test_top_k_and_capacity():
+    phi = torch.tensor([0.1, 0.5, 0.5, -1.0, 0.3])
+    assert snv_core.top_k(phi, 2).tolist() == [False, True, True, False, False]
+    assert snv_core.capacity_k(0.1, 800) == 80 and snv_core.capacity_k(1 / 3, 9) == 3
+    with pytest.raises(ValueError):
+        snv_core.capacity_k(0.0, 10)
+    assert snv_core.z_value(0.95) == pytest.approx(1.959964, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- networks and gates
+
+def test_neuron_counts_match_the_paper():
+    assert MLP().num_neurons == 800
+    resnet = ResNet18()
+    assert resnet.num_neurons == 4800 and len(resnet.layers) == 20
+    assert sum("shortcut" in name for name in resnet.layer_names) == 3
+
+
+def test_gate_replaces_by_mean_and_stacks_coalitions():
+    torch.manual_seed(0)
+    model = ResNet18(in_channels=1, width=4).eval()
+    model.add_head(3)
+    x = torch.randn(5, 1, 8, 8)
+    mu = snv_core.mean_activations(model, [(x, None)])
+    stem = model.bn1(model.conv1(x))
+    assert torch.allclose(mu[:4], stem.mean(dim=(0, 2, 3)), atol=1e-6)
+    # BN in eval mode is affine per channel: the mean after BN is BN of the conv output's mean
+    pre = model.conv1(x).mean(dim=(0, 2, 3))
+    affine = (pre - model.bn1.running_mean) / (model.bn1.running_var + model.bn1.eps).sqrt() * model.bn1.weight + model.bn1.bias
+    assert torch.allclose(mu[:4], affine, atol=1e-5)
+    n = model.num_neurons
+    with model.gated(torch.ones(n, dtype=torch.bool), mu):
+        assert torch.equal(model(x, 0), model(x, 0).clone())
+    keeps = torch.rand(3, n, generator=torch.Generator().manual_seed(1)) > 0.5
+    singles = []
+    for keep in keeps:
+        with model.gated(keep, mu):
+            singles.append(model(x, 0))
+    with model.gated(keeps, mu):
+        stacked = model(x.repeat(3, 1, 1, 1), 0)
+    assert torch.allclose(torch.cat(singles), stacked, atol=1e-5)
+    with model.gated(torch.zeros(n, dtype=torch.bool), mu):
+        out = model(x, 0)
+    assert torch.allclose(out, out[:1].expand_as(out))  # every neuron removed: the input no longer matters
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet18"])
+def test_masked_accuracy_fast_equals_naive(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, (1, 8, 8), width=6)
+    model.add_head(4)
+    x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 4, (40,))
+    mu = snv_core.mean_activations(model, [(x, y)])
+    keeps = torch.rand(10, model.num_neurons, generator=torch.Generator().manual_seed(2)) > 0.3
+    fast = snv_core.MaskedAccuracy(model, 0, x, y, mu, "fast", chunk=4)(keeps)
+    naive = snv_core.MaskedAccuracy(model, 0, x, y, mu, "naive")(keeps)
+    assert torch.equal(fast, naive)
+    res = snv_core.permutation_shapley(snv_core.MaskedAccuracy(model, 0, x, y, mu), model.num_neurons, 3,
+                                       tau=-math.inf, use_bandit=False, max_orderings=1)
+    full, empty = torch.ones(1, model.num_neurons, dtype=torch.bool), torch.zeros(1, model.num_neurons, dtype=torch.bool)
+    v = snv_core.MaskedAccuracy(model, 0, x, y, mu)
+    assert math.isclose(float(res.phi.sum()), float(v(full)[0] - v(empty)[0]), abs_tol=1e-12)
+
+
+# ----------------------------------------------------------------------------- freezing
+
+OPTIMIZERS = [("adam", 0.0), ("sgd", 5e-3), ("adamw", 1e-2)]
+
+
+@pytest.mark.parametrize("opt,wd", OPTIMIZERS)
+@pytest.mark.parametrize("arch", ["mlp", "resnet18"])
+def test_freezer_keeps_frozen_neurons_bit_identical(arch, opt, wd):
+    torch.manual_seed(0)
+    model = build_model(arch, (1, 8, 8), width=6)
+    model.add_head(3)
+    model.add_head(3)
+    n = model.num_neurons
+    frozen = torch.rand(n, generator=torch.Generator().manual_seed(3)) < 0.4
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = train.build_parser().parse_args(["--optimizer", opt, "--weight-decay", str(wd), "--lr", "0.05"])
+    optimizer = train.make_optimizer(model.parameters(), args)
+    freezer = snv_core.Freezer(model, frozen, frozen_heads=1)
+    model.train()
+    for step in range(5):
+        x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+        loss = torch.nn.functional.cross_entropy(model(x, 1), y) + model(x, 0).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        freezer.step(optimizer)
+    after = model.state_dict()
+    for layer, mask in zip(model.layers, model.split_neurons(frozen)):
+        tensors = {"weight": layer.producer.weight, "bias": layer.producer.bias}
+        if layer.bn is not None:
+            tensors.update(bn_w=layer.bn.weight, bn_b=layer.bn.bias, rm=layer.bn.running_mean, rv=layer.bn.running_var)
+        for name, t in tensors.items():
+            if t is None:
+                continue
+            key = next(k for k, v in model.state_dict().items() if v.data_ptr() == t.data_ptr())
+            assert torch.equal(after[key][mask], before[key][mask]), f"{layer.name}.{name} moved"
+            assert not torch.equal(after[key][~mask], before[key][~mask]), f"{layer.name}.{name} did not train"
+    assert torch.equal(after["heads.0.weight"], before["heads.0.weight"])
+    assert not torch.equal(after["heads.1.weight"], before["heads.1.weight"])
+
+
+def synthetic_args(tmp_path, *extra: str) -> list[str]:
+    return ["--dataset", "synthetic", "--epochs", "3", "--max-permutations", "8", "--shapley-eval-batches", "1",
+            "--out-dir", str(tmp_path / "out"), "--seeds", "0", "--no-figures", *extra]
+
+
+@pytest.mark.parametrize("opt,wd", OPTIMIZERS)
+@pytest.mark.parametrize("arch", ["mlp", "resnet18"])
+def test_old_task_logits_are_bit_identical_in_til(tmp_path, arch, opt, wd):
+    args = train.resolve_args(train.build_parser().parse_args(
+        synthetic_args(tmp_path, "--arch", arch, "--width", "16" if arch == "mlp" else "8", "--optimizer", opt, "--weight-decay", str(wd),
+                       "--mask-finetune-epochs", "1")))
+    bench = train.datasets.get_benchmark("synthetic", args.num_tasks, 0, None)
+    recorded: dict[int, Tensor] = {}
+    dense: dict[int, Tensor] = {}
+    mismatches, dense_changed = [], []
+
+    def check(t, model, state):
+        model.eval()
+        with torch.no_grad():
+            for j in range(t + 1):
+                x, _ = next(bench.tasks[j].test.batches(1000))
+                logits = train.task_logits(model, x, j, state)
+                if j in recorded and not torch.equal(recorded[j], logits):
+                    mismatches.append((t, j))
+                if j in dense and not torch.equal(dense[j], model(x, j)):
+                    dense_changed.append((t, j))
+                recorded.setdefault(j, logits)
+                dense.setdefault(j, model(x, j))
+
+    result = train.run_seed(args, 0, torch.device("cpu"), on_task_end=check)
+    assert len(recorded) == 3 and not mismatches
+    # not vacuous: the network itself kept training (dense old-task logits moved) and the
+    # subnetworks are alive (their logits vary across inputs)
+    assert dense_changed == [(1, 0), (2, 0), (2, 1)]
+    assert all(float(r.std(0).min()) > 0 for r in recorded.values())
+    A = result["accuracy_matrix"]
+    assert all(A[2][j] == A[j][j] for j in range(3)) and result["metrics"]["BWT"] == 0.0
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_cli_end_to_end_writes_valid_json(tmp_path):
+    assert train.main(synthetic_args(tmp_path, "--scenario", "class_il")) == 0
+    data = json.loads((tmp_path / "out" / "seed0.json").read_text())
+    T = data["args"]["num_tasks"]
+    A = data["accuracy_matrix"]
+    assert len(A) == T and all(len(row) == T for row in A)
+    for i in range(T):
+        for j in range(T):
+            assert (A[i][j] is None) == (j > i + 1)
+            assert A[i][j] is None or 0 <= A[i][j] <= 1
+    for key in ("ACC", "BWT", "FWT", "PS", "AF", "CAP"):
+        assert data["metrics"][key] is not None
+    assert len(data["random_init_accuracy"]) == T and data["seed"] == 0 and data["git_commit"]
+    assert len(data["shapley"]) == T
+    for entry in data["shapley"]:
+        assert entry["orderings"] >= 1 and entry["evaluations"] > 0 and entry["seconds"] >= 0
+        assert len(entry["phi"]) == data["num_neurons"]
+    frozen = [e["frozen_total"] for e in data["shapley"]]
+    assert frozen == sorted(frozen) and frozen[-1] <= data["num_neurons"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["metrics"]["ACC"]["n"] == 1
+
+
+def test_same_seed_same_numbers(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        assert train.main(synthetic_args(tmp_path / name)) == 0
+        runs.append(json.loads((tmp_path / name / "out" / "seed0.json").read_text()))
+    assert runs[0]["accuracy_matrix"] == runs[1]["accuracy_matrix"]
+    assert [s["phi"] for s in runs[0]["shapley"]] == [s["phi"] for s in runs[1]["shapley"]]
+
+
+@pytest.mark.parametrize("method", ["sgd", "joint"])
+def test_baseline_bounds_run(tmp_path, method):
+    assert train.main(synthetic_args(tmp_path, "--method", method)) == 0
+    data = json.loads((tmp_path / "out" / "seed0.json").read_text())
+    assert data["shapley"] == [] and data["metrics"]["CAP"] is None
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--sparsity", "0"], "--sparsity"),
+    (["--sparsity", "1.5"], "--sparsity"),
+    (["--truncation", "1.2"], "--truncation"),
+    (["--confidence", "1"], "--confidence"),
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "-1"], "--batch-size"),
+])
+def test_bad_input_gives_clear_error(tmp_path, capsys, flags, message):
+    assert train.main(synthetic_args(tmp_path, *flags)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "seed0.json").exists()
+
+
+def test_unknown_flag_values_exit_2(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(synthetic_args(tmp_path, "--method", "magic"))
+    assert e.value.code == 2
+
+
+def test_existing_results_are_not_overwritten(tmp_path, capsys):
+    assert train.main(synthetic_args(tmp_path)) == 0
+    assert train.main(synthetic_args(tmp_path)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert train.main(synthetic_args(tmp_path, "--overwrite")) == 0
+
+
+def test_impossible_task_split_is_rejected_before_training(tmp_path, capsys):
+    assert train.main(synthetic_args(tmp_path, "--dataset", "splitmnist", "--num-tasks", "3")) == 2
+    err = capsys.readouterr().err
+    assert "3 tasks cannot split 10 classes" in err and "[1, 2, 5, 10]" in err
+    assert not (tmp_path / "out" / "seed0.json").exists()
+
+
+def test_missing_data_lists_the_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train.datasets, "_download", lambda target: f"offline: {target.name}")
+    assert train.main(synthetic_args(tmp_path, "--dataset", "pmnist", "--data-dir", str(tmp_path / "nodata"))) == 2
+    err = capsys.readouterr().err
+    assert "train-images-idx3-ubyte.gz" in err and str(tmp_path / "nodata") in err
