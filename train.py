@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--inference", choices=("masked", "dense"), default="masked",
         help="masked: task t runs through its subnetwork (Eq. 1); dense: the paper-literal full network")
     add("--mask-finetune-epochs", type=int, default=None,
-        help="epochs of training task t through its own mask after selection (masked only); default epochs/4")
+        help="epochs of training task t through its own mask after selection (masked only); default epochs/10")
     add("--epochs", type=int, default=None, help="max epochs per task; default: the dataset's")
     add("--batch-size", type=int, default=None)
     add("--eval-batch-size", type=int, default=500)
@@ -391,7 +391,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.sparsity is None:
         args.sparsity = 1.0 / args.num_tasks
     if args.mask_finetune_epochs is None:
-        args.mask_finetune_epochs = max(1, args.epochs // 4)
+        args.mask_finetune_epochs = max(1, args.epochs // 10)
     checks = [
         (args.num_tasks >= 1, f"--num-tasks must be >= 1, got {args.num_tasks}"),
         (0 < args.sparsity <= 1, f"--sparsity must be in (0, 1], got {args.sparsity}"),
