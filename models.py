@@ -60,18 +60,38 @@ class NeuronLayer:
 
 
 class ContinualNet(nn.Module):
-    """A backbone of gated neuron layers plus one linear head per task."""
+    """A backbone of gated neuron layers plus one linear head per task.
+
+    The backbone is a chain: `stem` (layer 0 before its gate, the same for every coalition), then
+    `stages` (stage s gates the layers `stage_layers[s]`), then `pool` to the feature vector.
+    """
 
     feature_dim: int
     layers: list[NeuronLayer]
+    stage_layers: list[list[int]]
 
     def __init__(self) -> None:
         super().__init__()
         self.heads = nn.ModuleList()
 
+    def stem(self, x: Tensor) -> Tensor:
+        """x: [B, C, H, W] -> layer 0's output before its gate."""
+        raise NotImplementedError
+
+    def stage(self, s: int, h: Tensor) -> Tensor:
+        """Stage s on the previous stage's output (stage 0 on the stem's)."""
+        raise NotImplementedError
+
+    def pool(self, h: Tensor) -> Tensor:
+        """Last stage's output -> [B, feature_dim]."""
+        return h
+
     def features(self, x: Tensor) -> Tensor:
         """x: [B, C, H, W] -> [B, feature_dim]."""
-        raise NotImplementedError
+        h = self.stem(x)
+        for s in range(len(self.stage_layers)):
+            h = self.stage(s, h)
+        return self.pool(h)
 
     @property
     def num_neurons(self) -> int:
@@ -101,22 +121,21 @@ class ContinualNet(nn.Module):
         """Split a per-neuron vector [..., N] into per-layer chunks [..., n_l]."""
         return list(torch.split(values, self.layer_sizes, dim=-1))
 
-    def _set_gates(self, keep: Tensor | None, const: Tensor | None) -> None:
-        if keep is None:
-            for layer in self.layers:
-                layer.gate.keep = layer.gate.const = None
-            return
-        for layer, k, c in zip(self.layers, self.split_neurons(keep), self.split_neurons(const)):
-            layer.gate.keep, layer.gate.const = k, c
-
     @contextlib.contextmanager
-    def gated(self, keep: Tensor | None, const: Tensor | None) -> Iterator[None]:
-        """Within the block, neurons outside `keep` ([N] or [K, N] bool) output `const` ([N])."""
-        self._set_gates(keep, const)
+    def gated_layers(self, gates: dict[int, tuple[Tensor, Tensor]]) -> Iterator[None]:
+        """Within the block, layer l's neurons outside keep ([n_l] or [K, n_l]) output const [n_l]."""
+        for l, (keep, const) in gates.items():
+            self.layers[l].gate.keep, self.layers[l].gate.const = keep, const
         try:
             yield
         finally:
-            self._set_gates(None, None)
+            for l in gates:
+                self.layers[l].gate.keep = self.layers[l].gate.const = None
+
+    def gated(self, keep: Tensor, const: Tensor) -> contextlib.AbstractContextManager[None]:
+        """Within the block, neurons outside `keep` ([N] or [K, N] bool) output `const` ([N])."""
+        pairs = zip(self.split_neurons(keep), self.split_neurons(const))
+        return self.gated_layers(dict(enumerate(pairs)))
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[list[NeuronGate]]:
@@ -153,14 +172,15 @@ class MLP(ContinualNet):
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.gates = nn.ModuleList(NeuronGate(width) for _ in range(depth))
         self.layers = [NeuronLayer(f"fc{i + 1}", lin, g, None) for i, (lin, g) in enumerate(zip(self.linears, self.gates))]
+        self.stage_layers = [[i] for i in range(depth)]
         self.feature_dim = width
         he_init(self)
 
-    def features(self, x: Tensor) -> Tensor:
-        h = x.flatten(1)
-        for lin, gate in zip(self.linears, self.gates):
-            h = F.relu(gate(lin(h)))
-        return h
+    def stem(self, x: Tensor) -> Tensor:
+        return self.linears[0](x.flatten(1))
+
+    def stage(self, s: int, h: Tensor) -> Tensor:
+        return F.relu(self.gates[s](h if s == 0 else self.linears[s](h)))
 
 
 class BasicBlock(nn.Module):
@@ -187,19 +207,19 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(ContinualNet):
-    """ResNet-18. stem="cifar": 3x3 stride-1 stem, no max-pool (32x32, 64x64); "imagenet": 7x7/2 + max-pool.
+    """ResNet-18. stem_kind="cifar": 3x3 stride-1 stem, no max-pool (32x32, 64x64); "imagenet": 7x7/2 + max-pool.
 
     With width w the stages have w, 2w, 4w, 8w channels: N = 4,800 neurons (20 convs) at w = 64.
     """
 
-    def __init__(self, in_channels: int = 3, width: int = 64, stem: str = "cifar") -> None:
+    def __init__(self, in_channels: int = 3, width: int = 64, stem_kind: str = "cifar") -> None:
         super().__init__()
-        if stem not in ("cifar", "imagenet"):
-            raise ValueError(f"unknown ResNet stem {stem!r}: use 'cifar' or 'imagenet'")
-        k, s, p = (3, 1, 1) if stem == "cifar" else (7, 2, 3)
+        if stem_kind not in ("cifar", "imagenet"):
+            raise ValueError(f"unknown ResNet stem {stem_kind!r}: use 'cifar' or 'imagenet'")
+        k, s, p = (3, 1, 1) if stem_kind == "cifar" else (7, 2, 3)
         self.conv1 = nn.Conv2d(in_channels, width, k, s, p, bias=False)
         self.gate1, self.bn1 = NeuronGate(width), nn.BatchNorm2d(width)
-        self.pool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if stem_kind == "imagenet" else nn.Identity()
         blocks, cin = [], width
         for stage, mult in enumerate((1, 2, 4, 8)):
             for i in range(2):
@@ -208,15 +228,20 @@ class ResNet18(ContinualNet):
                 cin = width * mult
         self.blocks = nn.ModuleList(blocks)
         self.layers = [NeuronLayer("conv1", self.conv1, self.gate1, self.bn1)]
+        self.stage_layers = [[0]]
         for block in self.blocks:
+            self.stage_layers.append(list(range(len(self.layers), len(self.layers) + len(block.layers))))
             self.layers += block.layers
         self.feature_dim = cin
         he_init(self)
 
-    def features(self, x: Tensor) -> Tensor:
-        h = self.pool(F.relu(self.gate1(self.bn1(self.conv1(x)))))
-        for block in self.blocks:
-            h = block(h)
+    def stem(self, x: Tensor) -> Tensor:
+        return self.bn1(self.conv1(x))
+
+    def stage(self, s: int, h: Tensor) -> Tensor:
+        return self.maxpool(F.relu(self.gate1(h))) if s == 0 else self.blocks[s - 1](h)
+
+    def pool(self, h: Tensor) -> Tensor:
         return F.adaptive_avg_pool2d(h, 1).flatten(1)
 
 

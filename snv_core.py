@@ -36,34 +36,63 @@ def mean_activations(model: ContinualNet, batches: Iterable[tuple[Tensor, Tensor
 
 
 class MaskedAccuracy:
-    """V(S) = accuracy of head `task` on a fixed evaluation set, neurons outside S replaced by mu.
+    """V(S) = accuracy of head `task` on a fixed evaluation set x [E, ...], y [E], neurons outside S = mu.
 
-    impl="naive" runs one forward pass per coalition; impl="fast" stacks `chunk` coalitions
-    along the batch dimension. Both return identical values.
+    impl="naive": one forward pass of the whole network per coalition (the reference).
+    impl="fast": the stem (layer 0 before its gate) is computed once for all coalitions; coalitions
+    are stacked along the batch dimension, `chunk` at a time; and coalitions that agree on every
+    layer up to stage s share that stage's activations (consecutive coalitions of an ordering differ
+    by one neuron, so only the stages from that neuron's onward are recomputed). Same values as naive.
     """
 
     def __init__(self, model: ContinualNet, task: int, x: Tensor, y: Tensor, mu: Tensor,
-                 impl: str = "fast", chunk: int = 32) -> None:
+                 impl: str = "fast", chunk: int | None = None, memory_mb: int = 512) -> None:
         if impl not in ("naive", "fast"):
             raise ValueError(f"unknown Shapley implementation {impl!r}: use 'fast' or 'naive'")
-        self.model, self.task, self.x, self.y, self.mu = model, task, x, y, mu
-        self.impl, self.chunk = impl, chunk
+        self.model, self.task, self.x, self.y, self.mu, self.impl = model, task, x, y, mu, impl
         self.evaluations = 0
+        model.eval()
+        with torch.no_grad():
+            self.stem_out = model.stem(x) if impl == "fast" else None
+        if chunk is None:
+            per_coalition = 4 * x.shape[0] * (self.stem_out.numel() // x.shape[0] if impl == "fast" else 1) * 3
+            chunk = max(1, min(256, memory_mb * 2 ** 20 // per_coalition))
+        self.chunk = chunk
+        self.mu_layers = model.split_neurons(mu)
 
     @torch.no_grad()
     def __call__(self, keeps: Tensor) -> Tensor:
         """keeps: [K, N] bool -> V: [K] float64 (fraction correct)."""
         self.model.eval()
         self.evaluations += keeps.shape[0]
-        step = 1 if self.impl == "naive" else self.chunk
-        out = []
-        for start in range(0, keeps.shape[0], step):
-            block = keeps[start:start + step]
-            with self.model.gated(block if self.impl == "fast" else block[0], self.mu):
-                x = self.x.repeat(block.shape[0], *([1] * (self.x.dim() - 1))) if self.impl == "fast" else self.x
-                pred = self.model(x, self.task).argmax(1).view(block.shape[0], -1)
-            out.append((pred == self.y).double().mean(1))
-        return torch.cat(out)
+        keeps = keeps.to(self.mu.device)
+        if self.impl == "naive":
+            return torch.stack([self._naive(keep) for keep in keeps]).cpu()
+        return torch.cat([self._fast(block) for block in torch.split(keeps, self.chunk)]).cpu()
+
+    def _naive(self, keep: Tensor) -> Tensor:
+        """One coalition [N], one forward pass."""
+        with self.model.gated(keep, self.mu):
+            return (self.model(self.x, self.task).argmax(1) == self.y).double().mean()
+
+    def _fast(self, keeps: Tensor) -> Tensor:
+        """K coalitions [K, N] through the staged network, sharing identical prefixes."""
+        model, e = self.model, self.x.shape[0]
+        layer_keeps = model.split_neurons(keeps)
+        changed = torch.zeros(keeps.shape[0], dtype=torch.bool, device=keeps.device)
+        changed[0] = True
+        h, group = self.stem_out, torch.zeros(keeps.shape[0], dtype=torch.long, device=keeps.device)
+        for s, layers in enumerate(model.stage_layers):
+            for l in layers:
+                changed[1:] |= (layer_keeps[l][1:] != layer_keeps[l][:-1]).any(1)
+            reps = changed.nonzero().squeeze(1)
+            parent = group[reps]
+            group = changed.long().cumsum(0) - 1
+            h = h.view(-1, e, *h.shape[1:])[parent if s > 0 else torch.zeros_like(parent)].flatten(0, 1)
+            with model.gated_layers({l: (layer_keeps[l][reps], self.mu_layers[l]) for l in layers}):
+                h = model.stage(s, h)
+        pred = model.heads[self.task](model.pool(h)).argmax(1).view(-1, e)
+        return (pred == self.y).double().mean(1)[group]
 
 
 def exact_shapley(v: ValueFn, n: int) -> Tensor:
@@ -116,6 +145,11 @@ class _Marginals:
         self.sumsq.index_add_(0, idx, m * m)
         self.counts.index_add_(0, idx, torch.ones_like(idx))
 
+    def merge(self, other: "_Marginals") -> None:
+        self.sums += other.sums
+        self.sumsq += other.sumsq
+        self.counts += other.counts
+
     def mean(self) -> Tensor:
         return self.sums / self.counts.clamp(min=1)
 
@@ -154,19 +188,46 @@ def _evaluate(v: ValueFn, keeps: Tensor, chunk: int) -> Tensor:
     return torch.cat([v(block) for block in torch.split(keeps, chunk)]).double().cpu()
 
 
+def _walk(v: ValueFn, pi: Tensor, active: Tensor, tau: float, v_empty: float, v_full: float, chunk: int,
+          marg: _Marginals) -> tuple[int, int, int]:
+    """One forward ordering pi [N]: record the marginals of active neurons in `marg`.
+
+    Only the values V(S_p) that an active neuron's marginal needs are computed; a marginal whose
+    base V(S) <= tau is truncated. Returns (evaluations, recorded, truncated).
+    """
+    n = pi.numel()
+    act = active[pi]
+    need = torch.zeros(n + 1, dtype=torch.bool)
+    need[1:n] = act[:-1] | act[1:]
+    pos = need.nonzero().squeeze(1)
+    values = torch.full((n + 1,), math.nan, dtype=torch.float64)
+    values[0], values[n] = v_empty, v_full
+    keeps = torch.arange(n).unsqueeze(0) < pos.unsqueeze(1)
+    values[pos] = _evaluate(v, keeps[:, pi.argsort()], chunk)
+    steps = act.nonzero().squeeze(1)
+    base, after = values[steps], values[steps + 1]
+    keep = base > tau
+    marg.add(pi[steps[keep]], (after - base)[keep])
+    return int(pos.numel()), int(keep.sum()), int((~keep).sum())
+
+
 def permutation_shapley(v: ValueFn, n: int, k: int, *, tau: float = 0.1, alpha: float = 0.95,
                         min_orderings: int = 5, max_orderings: int = 200, seed: int = 0,
-                        antithetic: bool = False, use_bandit: bool = True, threshold: str = "kth", chunk: int = 256,
-                        progress: bool = False, orderings: Tensor | None = None) -> ShapleyResult:
+                        antithetic: bool = False, use_bandit: bool = True, threshold: str = "kth",
+                        chunk: int = 256, progress: bool = False, orderings: Tensor | None = None,
+                        rank: int = 0, world_size: int = 1,
+                        all_reduce: Callable[[Tensor], None] | None = None) -> ShapleyResult:
     """SNV's estimator (Eq. 9): phi_i = E_pi[V(S_i^pi u {i}) - V(S_i^pi)], orderings walked forward from {}.
 
     Truncation: a marginal whose base value V(S) <= tau is skipped (i joins S, nothing is recorded).
     Bandit (after `min_orderings`): delta_i = z_alpha sigma_i / sqrt(n_i); only neurons in
     A = {i : |phi_i - phi^(k)| < delta_i} are evaluated; stop when A is empty or at `max_orderings`.
-    Only the values V(S_p) that an active neuron's marginal needs are computed.
     threshold: "kth" (the paper's phi^(k)) or "midpoint" (see `_Marginals.active`).
-    `orderings` ([M, N], optional) replaces the seeded random orderings (used by tests and by
-    distributed sharding); antithetic pairs each ordering with its reverse.
+    `orderings` ([M, N], optional) replaces the seeded random orderings; antithetic pairs each
+    ordering with its reverse. Distributed: orderings come in rounds of `world_size` (drawn
+    identically on every rank); rank r walks the r-th of each round and `all_reduce` (an in-place
+    sum over ranks) merges the per-neuron sums and counts, so every rank takes the same bandit
+    decisions. With world_size = 1 the bandit is updated after every ordering.
     """
     if not 1 <= k <= n:
         raise ValueError(f"top-k needs 1 <= k <= N, got k={k}, N={n}")
@@ -177,40 +238,37 @@ def permutation_shapley(v: ValueFn, n: int, k: int, *, tau: float = 0.1, alpha: 
     z = z_value(alpha)
     full = torch.ones(1, n, dtype=torch.bool)
     v_empty, v_full = _evaluate(v, torch.cat([~full, full]), chunk).tolist()
-    evaluations, recorded, truncated = 2, 0, 0
     marg = _Marginals(n)
+    stats = torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64)  # evaluations, recorded, truncated
     active = torch.ones(n, dtype=torch.bool)
     total = max_orderings if orderings is None else orderings.shape[0]
     bar = tqdm(total=total, desc="shapley", disable=not progress, leave=False)
-    done = 0
+    done, pi = 0, None
     while done < total and bool(active.any()):
-        if orderings is not None:
-            pi = orderings[done]
-        elif antithetic and done % 2 == 1:
-            pi = pi.flip(0)
-        else:
-            pi = torch.randperm(n, generator=gen)
-        act = active[pi]
-        need = torch.zeros(n + 1, dtype=torch.bool)
-        need[1:n] = act[:-1] | act[1:]
-        pos = need.nonzero().squeeze(1)
-        keeps = torch.arange(n).unsqueeze(0) < pos.unsqueeze(1)
-        values = torch.full((n + 1,), math.nan, dtype=torch.float64)
-        values[0], values[n] = v_empty, v_full
-        values[pos] = _evaluate(v, keeps[:, pi.argsort()], chunk)
-        evaluations += int(pos.numel())
-        steps = act.nonzero().squeeze(1)
-        base, after = values[steps], values[steps + 1]
-        keep = base > tau
-        recorded += int(keep.sum())
-        truncated += int((~keep).sum())
-        marg.add(pi[steps[keep]], (after - base)[keep])
-        done += 1
+        size = min(world_size, total - done)
+        local = _Marginals(n)
+        local_stats = torch.zeros(3, dtype=torch.float64)
+        for r in range(size):
+            if orderings is not None:
+                pi = orderings[done + r]
+            elif antithetic and (done + r) % 2 == 1:
+                pi = pi.flip(0)
+            else:
+                pi = torch.randperm(n, generator=gen)
+            if r == rank:
+                local_stats += torch.tensor(_walk(v, pi, active, tau, v_empty, v_full, chunk, local), dtype=torch.float64)
+        if all_reduce is not None:
+            for t in (local.sums, local.sumsq, local.counts, local_stats):
+                all_reduce(t)
+        marg.merge(local)
+        stats += local_stats
+        done += size
         if use_bandit and done >= min_orderings:
             active = marg.active(k, z * marg.std() / marg.counts.double().clamp(min=1).sqrt(), threshold)
-        bar.update(1)
+        bar.update(size)
         bar.set_postfix(active=int(active.sum()))
     bar.close()
+    evaluations, recorded, truncated = (int(x) for x in stats.tolist())
     return marg.result(orderings=done, evaluations=evaluations,
                        truncated_share=truncated / max(recorded + truncated, 1),
                        seconds=time.perf_counter() - start, converged=not bool(active.any()))

@@ -202,8 +202,11 @@ def test_masked_accuracy_fast_equals_naive(arch):
     model.add_head(4)
     x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 4, (40,))
     mu = snv_core.mean_activations(model, [(x, y)])
-    keeps = torch.rand(10, model.num_neurons, generator=torch.Generator().manual_seed(2)) > 0.3
-    fast = snv_core.MaskedAccuracy(model, 0, x, y, mu, "fast", chunk=4)(keeps)
+    n = model.num_neurons
+    pi = torch.randperm(n, generator=torch.Generator().manual_seed(4))
+    walk = (torch.arange(n).unsqueeze(0) < torch.arange(0, n + 1, 2).unsqueeze(1))[:, pi.argsort()]
+    keeps = torch.cat([torch.rand(10, n, generator=torch.Generator().manual_seed(2)) > 0.3, walk])
+    fast = snv_core.MaskedAccuracy(model, 0, x, y, mu, "fast", chunk=16)(keeps)
     naive = snv_core.MaskedAccuracy(model, 0, x, y, mu, "naive")(keeps)
     assert torch.equal(fast, naive)
     res = snv_core.permutation_shapley(snv_core.MaskedAccuracy(model, 0, x, y, mu), model.num_neurons, 3,
