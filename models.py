@@ -62,8 +62,9 @@ class NeuronLayer:
 class ContinualNet(nn.Module):
     """A backbone of gated neuron layers plus one linear head per task.
 
-    The backbone is a chain: `stem` (layer 0 before its gate, the same for every coalition), then
-    `stages` (stage s gates the layers `stage_layers[s]`), then `pool` to the feature vector.
+    The backbone is a chain of stages, then `pool` to the feature vector. Stage s is split into
+    `stage_in` (what depends only on earlier stages' gates, e.g. the Linear of an MLP layer) and
+    `stage_out` (the gates of layers `stage_layers[s]` onward).
     """
 
     feature_dim: int
@@ -74,12 +75,12 @@ class ContinualNet(nn.Module):
         super().__init__()
         self.heads = nn.ModuleList()
 
-    def stem(self, x: Tensor) -> Tensor:
-        """x: [B, C, H, W] -> layer 0's output before its gate."""
-        raise NotImplementedError
+    def stage_in(self, s: int, h: Tensor) -> Tensor:
+        """The part of stage s before its first gate, on the previous stage's output (stage 0: on x)."""
+        return h
 
-    def stage(self, s: int, h: Tensor) -> Tensor:
-        """Stage s on the previous stage's output (stage 0 on the stem's)."""
+    def stage_out(self, s: int, z: Tensor) -> Tensor:
+        """The rest of stage s, from its first gate on."""
         raise NotImplementedError
 
     def pool(self, h: Tensor) -> Tensor:
@@ -88,9 +89,9 @@ class ContinualNet(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """x: [B, C, H, W] -> [B, feature_dim]."""
-        h = self.stem(x)
+        h = x
         for s in range(len(self.stage_layers)):
-            h = self.stage(s, h)
+            h = self.stage_out(s, self.stage_in(s, h))
         return self.pool(h)
 
     @property
@@ -176,11 +177,11 @@ class MLP(ContinualNet):
         self.feature_dim = width
         he_init(self)
 
-    def stem(self, x: Tensor) -> Tensor:
-        return self.linears[0](x.flatten(1))
+    def stage_in(self, s: int, h: Tensor) -> Tensor:
+        return self.linears[s](h.flatten(1))
 
-    def stage(self, s: int, h: Tensor) -> Tensor:
-        return F.relu(self.gates[s](h if s == 0 else self.linears[s](h)))
+    def stage_out(self, s: int, z: Tensor) -> Tensor:
+        return F.relu(self.gates[s](z))
 
 
 class BasicBlock(nn.Module):
@@ -235,11 +236,11 @@ class ResNet18(ContinualNet):
         self.feature_dim = cin
         he_init(self)
 
-    def stem(self, x: Tensor) -> Tensor:
-        return self.bn1(self.conv1(x))
+    def stage_in(self, s: int, h: Tensor) -> Tensor:
+        return self.bn1(self.conv1(h)) if s == 0 else h
 
-    def stage(self, s: int, h: Tensor) -> Tensor:
-        return self.maxpool(F.relu(self.gate1(h))) if s == 0 else self.blocks[s - 1](h)
+    def stage_out(self, s: int, z: Tensor) -> Tensor:
+        return self.maxpool(F.relu(self.gate1(z))) if s == 0 else self.blocks[s - 1](z)
 
     def pool(self, h: Tensor) -> Tensor:
         return F.adaptive_avg_pool2d(h, 1).flatten(1)

@@ -39,26 +39,24 @@ class MaskedAccuracy:
     """V(S) = accuracy of head `task` on a fixed evaluation set x [E, ...], y [E], neurons outside S = mu.
 
     impl="naive": one forward pass of the whole network per coalition (the reference).
-    impl="fast": the stem (layer 0 before its gate) is computed once for all coalitions; coalitions
-    are stacked along the batch dimension, `chunk` at a time; and coalitions that agree on every
-    layer up to stage s share that stage's activations (consecutive coalitions of an ordering differ
-    by one neuron, so only the stages from that neuron's onward are recomputed). Same values as naive.
+    impl="fast": coalitions are stacked along the batch dimension, `chunk` at a time, and computed
+    stage by stage with shared prefixes: stage s's `stage_in` (e.g. an MLP layer's matrix multiply)
+    depends only on the gates of earlier stages, its `stage_out` on those up to s. Consecutive
+    coalitions of an ordering differ by one neuron, so a group of coalitions that agree on those
+    gates is computed once (the first layer's multiply once for all). Same values as naive.
+    `groups_in[s]`, `groups_out[s]` count the coalition groups each half of stage s ran for.
     """
 
     def __init__(self, model: ContinualNet, task: int, x: Tensor, y: Tensor, mu: Tensor,
-                 impl: str = "fast", chunk: int | None = None, memory_mb: int = 512) -> None:
+                 impl: str = "fast", chunk: int = 32) -> None:
         if impl not in ("naive", "fast"):
             raise ValueError(f"unknown Shapley implementation {impl!r}: use 'fast' or 'naive'")
-        self.model, self.task, self.x, self.y, self.mu, self.impl = model, task, x, y, mu, impl
+        self.model, self.task, self.x, self.y, self.mu = model, task, x, y, mu
+        self.impl, self.chunk = impl, chunk
         self.evaluations = 0
-        model.eval()
-        with torch.no_grad():
-            self.stem_out = model.stem(x) if impl == "fast" else None
-        if chunk is None:
-            per_coalition = 4 * x.shape[0] * (self.stem_out.numel() // x.shape[0] if impl == "fast" else 1) * 3
-            chunk = max(1, min(256, memory_mb * 2 ** 20 // per_coalition))
-        self.chunk = chunk
         self.mu_layers = model.split_neurons(mu)
+        self.groups_in = [0] * len(model.stage_layers)
+        self.groups_out = [0] * len(model.stage_layers)
 
     @torch.no_grad()
     def __call__(self, keeps: Tensor) -> Tensor:
@@ -81,18 +79,28 @@ class MaskedAccuracy:
         layer_keeps = model.split_neurons(keeps)
         changed = torch.zeros(keeps.shape[0], dtype=torch.bool, device=keeps.device)
         changed[0] = True
-        h, group = self.stem_out, torch.zeros(keeps.shape[0], dtype=torch.long, device=keeps.device)
+        group = torch.zeros_like(changed, dtype=torch.long)
+        h = self.x
         for s, layers in enumerate(model.stage_layers):
+            h, group, _ = self._regroup(h, group, changed)
+            h = model.stage_in(s, h)
+            self.groups_in[s] += h.shape[0] // e
             for l in layers:
                 changed[1:] |= (layer_keeps[l][1:] != layer_keeps[l][:-1]).any(1)
-            reps = changed.nonzero().squeeze(1)
-            parent = group[reps]
-            group = changed.long().cumsum(0) - 1
-            h = h.view(-1, e, *h.shape[1:])[parent if s > 0 else torch.zeros_like(parent)].flatten(0, 1)
+            h, group, reps = self._regroup(h, group, changed)
             with model.gated_layers({l: (layer_keeps[l][reps], self.mu_layers[l]) for l in layers}):
-                h = model.stage(s, h)
+                h = model.stage_out(s, h)
+            self.groups_out[s] += reps.numel()
         pred = model.heads[self.task](model.pool(h)).argmax(1).view(-1, e)
         return (pred == self.y).double().mean(1)[group]
+
+    def _regroup(self, h: Tensor, group: Tensor, changed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Activations [G * E, ...] of the old groups -> those of the groups that `changed` starts."""
+        reps = changed.nonzero().squeeze(1)
+        parent = group[reps]
+        if reps.numel() * self.x.shape[0] != h.shape[0]:
+            h = h.view(-1, self.x.shape[0], *h.shape[1:])[parent].flatten(0, 1)
+        return h, changed.long().cumsum(0) - 1, reps
 
 
 def exact_shapley(v: ValueFn, n: int) -> Tensor:

@@ -1,0 +1,188 @@
+"""Benchmark: the fast V(S) evaluator against the naive one-forward-per-coalition evaluator.
+
+Both run side by side in one process on the same coalitions (every prefix of the same seeded
+orderings): (a) the PMNIST MLP (N = 800, 512 evaluation images), (b) ResNet-18 on 32x32x3 inputs at
+a CPU width. Prints coalition evaluations per second, their ratio, the fast path's achieved FLOP/s
+next to a plain matrix multiply's, and the wall time of a whole default Shapley step (until the
+bandit stops or hits its cap) on one trained PMNIST task. The last line is
+`RESULT mlp_speedup=<float> resnet_speedup=<float>`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import datasets
+import snv_core
+from models import ContinualNet, build_model
+
+
+def stage_flops(model: ContinualNet, x: Tensor) -> tuple[list[float], list[float], float]:
+    """FLOPs per image of each stage's `stage_in`, of each `stage_out`, and of pooling + head."""
+    counts: list[float] = []
+
+    def hook(module: nn.Module, inputs: tuple[Tensor], out: Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            counts.append(2 * module.in_channels * module.kernel_size[0] * module.kernel_size[1] * out[0].numel())
+        elif isinstance(module, nn.Linear):
+            counts.append(2 * module.in_features * module.out_features)
+
+    def measured() -> float:
+        total = float(sum(counts))
+        counts.clear()
+        return total
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    flops_in, flops_out = [], []
+    with torch.no_grad():
+        h = x[:1]
+        for s in range(len(model.stage_layers)):
+            h = model.stage_in(s, h)
+            flops_in.append(measured())
+            h = model.stage_out(s, h)
+            flops_out.append(measured())
+        model.heads[0](model.pool(h))
+    for handle in handles:
+        handle.remove()
+    return flops_in, flops_out, measured()
+
+
+def matmul_flops(device: torch.device, seconds: float = 1.0) -> float:
+    """Achieved FLOP/s of a plain float32 matrix multiply (4096 x 512 by 512 x 512)."""
+    a, b = torch.randn(4096, 512, device=device), torch.randn(512, 512, device=device)
+    a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    sync(device)
+    return reps * 2 * 4096 * 512 * 512 / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ordering_coalitions(n: int, orderings: int, positions: int, seed: int) -> Tensor:
+    """The first `positions` prefixes S_1..S_p of each seeded ordering, as keep-masks [orderings * p, N]."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = []
+    for _ in range(orderings):
+        pi = torch.randperm(n, generator=gen)
+        blocks.append((torch.arange(n).unsqueeze(0) < torch.arange(1, positions + 1).unsqueeze(1))[:, pi.argsort()])
+    return torch.cat(blocks)
+
+
+def compare(name: str, model: ContinualNet, x: Tensor, y: Tensor, keeps: Tensor, device: torch.device,
+            peak: float) -> float:
+    """Time both evaluators on the same coalitions; print the comparison; return the speedup."""
+    model.eval()
+    mu = snv_core.mean_activations(model, [(x, y)])
+    naive = snv_core.MaskedAccuracy(model, 0, x, y, mu, "naive")
+    fast = snv_core.MaskedAccuracy(model, 0, x, y, mu, "fast")
+    fast(keeps[:2])
+    fast.groups_in, fast.groups_out = [0] * len(fast.groups_in), [0] * len(fast.groups_out)
+    timings = {}
+    for label, v in (("naive", naive), ("fast", fast)):
+        sync(device)
+        start = time.perf_counter()
+        values = v(keeps)
+        sync(device)
+        timings[label] = (time.perf_counter() - start, values)
+    (t_naive, v_naive), (t_fast, v_fast) = timings["naive"], timings["fast"]
+    flops_in, flops_out, head = stage_flops(model, x)
+    e, k = x.shape[0], keeps.shape[0]
+    naive_flops = k * e * (sum(flops_in) + sum(flops_out) + head)
+    fast_flops = e * (sum(g * f for g, f in zip(fast.groups_in, flops_in)) +
+                      sum(g * f for g, f in zip(fast.groups_out, flops_out)) + k * head)
+    speedup = t_naive / t_fast
+    print(f"\n[{name}] N={model.num_neurons} neurons, {e} evaluation images, {k} coalitions "
+          f"(prefixes of the same orderings), device {device}")
+    print(f"  identical values: {torch.equal(v_naive, v_fast)}")
+    print(f"  naive: {k / t_naive:10.1f} coalitions/s  ({t_naive:.2f} s, {naive_flops / t_naive / 1e9:.1f} GFLOP/s)")
+    print(f"  fast : {k / t_fast:10.1f} coalitions/s  ({t_fast:.2f} s, {fast_flops / t_fast / 1e9:.1f} GFLOP/s, "
+          f"{naive_flops / fast_flops:.1f}x fewer FLOPs)")
+    print(f"  plain matmul: {peak / 1e9:.1f} GFLOP/s;  speedup fast/naive = {speedup:.2f}x")
+    if not torch.equal(v_naive, v_fast):
+        raise SystemExit(f"{name}: fast and naive evaluators disagree")
+    return speedup
+
+
+def train_task(model: ContinualNet, split: datasets.Split, device: torch.device, epochs: int) -> None:
+    """A few epochs of Adam on one task's training split (batch 64): a trained network to value."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(epochs):
+        for x, y in split.batches(64, shuffle=True, generator=gen, device=device):
+            opt.zero_grad()
+            F.cross_entropy(model(x, 0), y).backward()
+            opt.step()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer coalitions (finishes within ~5 min on 2 cores)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--data-dir", default=None, help="MNIST location (default $SNV_DATA_DIR, else ./data)")
+    p.add_argument("--resnet-width", type=int, default=8, help="ResNet-18 base channels (64 = full width)")
+    p.add_argument("--resnet-images", type=int, default=128, help="evaluation images for the ResNet")
+    p.add_argument("--skip-step", action="store_true", help="skip the whole-Shapley-step timing")
+    p.add_argument("--out", default=None, help="also write the numbers to this JSON file")
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available")
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    print(f"bench_shapley: {' '.join(sys.argv)}\nmachine: {platform.platform()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, device {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}")
+    peak = matmul_flops(device)
+
+    bench = datasets.get_benchmark("pmnist", 1, 42, args.data_dir)
+    mlp = build_model("mlp", bench.input_shape).to(device)
+    mlp.add_head(10)
+    train_task(mlp, bench.tasks[0].train, device, epochs=1)
+    xs, ys = zip(*[b for _, b in zip(range(8), bench.tasks[0].val.batches(64, device=device))])
+    x, y = torch.cat(xs), torch.cat(ys)
+    mlp_keeps = ordering_coalitions(mlp.num_neurons, 1 if args.quick else 3, 800, seed=1).to(device)
+    mlp_speedup = compare("PMNIST MLP 784-200-200-200-200", mlp, x, y, mlp_keeps, device, peak)
+
+    resnet = build_model("resnet18", (3, 32, 32), args.resnet_width).to(device)
+    resnet.add_head(10)
+    rx = torch.randn(args.resnet_images, 3, 32, 32, generator=torch.Generator().manual_seed(2)).to(device)
+    ry = torch.randint(0, 10, (args.resnet_images,), generator=torch.Generator().manual_seed(3)).to(device)
+    with torch.no_grad():
+        resnet.train()
+        resnet.features(rx)  # BatchNorm running statistics of these inputs
+    positions = resnet.num_neurons if not args.quick else min(resnet.num_neurons, 300)
+    resnet_keeps = ordering_coalitions(resnet.num_neurons, 1, positions, seed=1).to(device)
+    resnet_speedup = compare(f"ResNet-18 width {args.resnet_width} (32x32x3, random weights and inputs)", resnet,
+                             rx, ry, resnet_keeps, device, peak)
+
+    step = None
+    if not args.skip_step:
+        mu = snv_core.mean_activations(mlp, [(x, y)])
+        v = snv_core.MaskedAccuracy(mlp, 0, x, y, mu, "fast")
+        res = snv_core.permutation_shapley(v, mlp.num_neurons, snv_core.capacity_k(0.1, mlp.num_neurons), seed=0)
+        step = res.cost()
+        print(f"\n[whole default Shapley step, PMNIST MLP task 1, fast] c=0.1, tau=0.1, alpha=0.95, cap 200: "
+              f"{step['orderings']} orderings, {step['evaluations']} evaluations, {step['seconds']:.1f} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "machine": platform.platform(),
+                                              "device": str(device), "matmul_gflops": peak / 1e9,
+                                              "mlp_speedup": mlp_speedup, "resnet_speedup": resnet_speedup,
+                                              "shapley_step": step}, indent=1))
+    print(f"RESULT mlp_speedup={mlp_speedup:.2f} resnet_speedup={resnet_speedup:.2f}")
+
+
+if __name__ == "__main__":
+    main()
