@@ -201,10 +201,16 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(conv, bn, gate)
             self.layers.append(NeuronLayer(f"{name}.shortcut", conv, gate, bn))
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.gate1(self.bn1(self.conv1(x))))
-        out = self.gate2(self.bn2(self.conv2(out)))
-        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+    def forward_in(self, x: Tensor) -> Tensor:
+        """The block before its first gate: [bn1(conv1(x)), shortcut conv + BN of x (or x)] along channels."""
+        skip = x if self.shortcut is None else self.shortcut[1](self.shortcut[0](x))
+        return torch.cat([self.bn1(self.conv1(x)), skip], dim=1)
+
+    def forward_out(self, z: Tensor) -> Tensor:
+        """The block from its first gate on, given `forward_in`'s output."""
+        pre, skip = z.split(self.conv2.out_channels, dim=1)
+        out = self.gate2(self.bn2(self.conv2(F.relu(self.gate1(pre)))))
+        return F.relu(out + (skip if self.shortcut is None else self.shortcut[2](skip)))
 
 
 class ResNet18(ContinualNet):
@@ -237,10 +243,10 @@ class ResNet18(ContinualNet):
         he_init(self)
 
     def stage_in(self, s: int, h: Tensor) -> Tensor:
-        return self.bn1(self.conv1(h)) if s == 0 else h
+        return self.bn1(self.conv1(h)) if s == 0 else self.blocks[s - 1].forward_in(h)
 
     def stage_out(self, s: int, z: Tensor) -> Tensor:
-        return self.maxpool(F.relu(self.gate1(z))) if s == 0 else self.blocks[s - 1](z)
+        return self.maxpool(F.relu(self.gate1(z))) if s == 0 else self.blocks[s - 1].forward_out(z)
 
     def pool(self, h: Tensor) -> Tensor:
         return F.adaptive_avg_pool2d(h, 1).flatten(1)

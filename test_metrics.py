@@ -270,13 +270,12 @@ def test_plot_run(tmp_path: Path) -> None:
     result = {
         "accuracy_matrix": [[0.8, 0.1, None], [0.9, 0.7, 0.2], [0.6, 0.5, 0.9]],
         "shapley": [
-            {"phi": [0.01 * i for i in range(10)]},
-            {},
-            {"phi": [None] + [0.02] * 9},
+            {"phi": [0.01 * i for i in range(10)], "frozen_per_layer": [1, 0]},
+            {"frozen_per_layer": [2, 1]},
+            {"phi": [None] + [0.02] * 9, "frozen_per_layer": [3, 2]},
         ],
         "layer_sizes": [4, 6],
         "layer_names": ["fc1", "fc2"],
-        "frozen_per_layer": [[1, 0], [2, 1], [3, 2]],
     }
     out = tmp_path / "figs"
     paths = utils.plot_run(result, out)

@@ -237,8 +237,8 @@ def plot_run(result: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
 
     ``result`` keys used: ``accuracy_matrix`` (T x T nested list, None above the
     superdiagonal), ``shapley`` (per-task dicts; tasks without ``"phi"`` become NaN
-    rows), ``layer_sizes``, ``layer_names`` (default ``layer1..layerL``) and
-    ``frozen_per_layer`` ([T][L] counts).  Returns the paths written.
+    rows; their ``"frozen_per_layer"`` [L] counts give the capacity plot), ``layer_sizes`` and
+    ``layer_names`` (default ``layer1..layerL``).  Returns the paths written.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -268,9 +268,66 @@ def plot_run(result: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
         plot_shapley_heatmap(phi, layer_sizes, layer_names, path)
         written.append(path)
 
-    frozen = result.get("frozen_per_layer")
+    frozen = [s["frozen_per_layer"] for s in shapley if isinstance(s, Mapping) and "frozen_per_layer" in s]
     if frozen:
         path = out_dir / "capacity.png"
         plot_capacity(np.asarray(frozen, dtype=float), layer_sizes, layer_names, path)
         written.append(path)
     return written
+
+
+def plot_capacity_sweep(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float] | None]],
+    path: str | Path,
+    title: str = "",
+) -> None:
+    """Table 3: accuracy (%) against capacity c, one line per label.
+
+    ``series[label] = (c values, accuracies in %, stds in % or None)``; a series with stds is drawn with
+    error bars (our runs), one without as a dashed line (the paper's reported values).
+    """
+    fig, ax = plt.subplots(figsize=(7.0, 4.5))
+    for label, (cs, acc, std) in series.items():
+        if len(cs) == 0:
+            continue
+        if std is None:
+            ax.plot(cs, acc, linestyle="--", marker="x", label=label)
+        else:
+            ax.errorbar(cs, acc, yerr=std, marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ticks = sorted({float(c) for cs, _, _ in series.values() for c in cs})
+    ax.set_xticks(ticks, [f"{c:g}" for c in ticks])
+    ax.set_xlabel("capacity c (fraction of neurons frozen per task)")
+    ax.set_ylabel("ACC after the last task (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Capacity sweep (task-incremental, 10 tasks)")
+    _save(fig, path)
+
+
+def plot_pruning_curves(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
+    path: str | Path,
+    title: str = "",
+) -> None:
+    """Fig. 4: average accuracy (%) against the global magnitude-pruning rate (%), one line per label.
+
+    ``curves[label] = (rates, mean accuracies, stds)``; the first rate below half the unpruned mean (the
+    critical percentage) is marked with a star.
+    """
+    fig, ax = plt.subplots(figsize=(7.0, 4.5))
+    for label, (rates, mean, std) in curves.items():
+        rates, mean, std = (np.asarray(v, dtype=float) for v in (rates, mean, std))
+        (line,) = ax.plot(rates, mean, marker=".", label=label)
+        ax.fill_between(rates, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        below = np.nonzero(mean < mean[0] / 2)[0]
+        if below.size:
+            ax.plot(rates[below[0]], mean[below[0]], marker="*", markersize=12, color=line.get_color())
+    ax.set_xlabel("backbone weights pruned by magnitude (%)")
+    ax.set_ylabel("average accuracy over all tasks (%)")
+    ax.set_ylim(bottom=0.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Pruning robustness (star: critical percentage)")
+    _save(fig, path)

@@ -1,0 +1,526 @@
+"""Markdown tables (ours next to the paper's numbers) and figures from the results folders of run_experiments.sh.
+
+    python report.py --results results --out RESULTS.md     # the tables
+    python report.py --figures                              # figures/ from the committed results
+
+Ours = mean ± std (population, as in summary.json) over the seed JSONs of a folder, in %; gap = ours - paper
+in points. A folder with no seed JSON is "not run"; results/quick (CPU smoke-test settings) is reported in its
+own, separately labelled tables and figures/quick.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import metrics
+import utils
+
+PAPER_REPORTED: dict = {
+    "imagenet1k": {
+        "SNV": {("class_il", 10): 41.30, ("class_il", 20): 34.20, ("class_il", 50): 25.60,
+                ("task_il", 10): 57.82, ("task_il", 20): 50.45, ("task_il", 50): 40.18},
+        "NFL+": {("class_il", 10): 38.42, ("class_il", 20): 31.50, ("class_il", 50): 22.40,
+                 ("task_il", 10): 51.36, ("task_il", 20): 45.80, ("task_il", 50): 37.20},
+        "DCNet": {("class_il", 10): 37.80, ("class_il", 20): 30.10, ("class_il", 50): 20.80,
+                  ("task_il", 10): 50.15, ("task_il", 20): 44.30, ("task_il", 50): 35.80},
+        "WSN": {("task_il", 10): 48.73, ("task_il", 20): 43.20, ("task_il", 50): 35.40},
+        "DyTox (20k buffer)": {("class_il", 10): 40.15, ("class_il", 20): 33.20, ("class_il", 50): 24.50,
+                               ("task_il", 10): 59.40, ("task_il", 20): 52.10, ("task_il", 50): 42.80},
+    },
+    "ten_tasks": {
+        ("pmnist", "task_il"): {"ACC": 97.45, "BWT": 0.0},
+        ("cifar100", "task_il"): {"ACC": 76.19, "BWT": 0.0},
+        ("tinyimagenet", "task_il"): {"ACC": 74.73, "BWT": 0.0},
+        ("pmnist", "class_il"): {"ACC": 93.45, "BWT": -0.06, "PS": 0.96},
+        ("cifar100", "class_il"): {"ACC": 54.70, "BWT": -0.04, "PS": 0.69},
+        ("tinyimagenet", "class_il"): {"ACC": 45.70, "BWT": -0.05, "PS": 0.62},
+    },
+    "twenty_tasks": {
+        ("cifar100", "class_il"): 44.85, ("tinyimagenet", "class_il"): 37.47,
+        ("cifar100", "task_il"): 71.93, ("tinyimagenet", "task_il"): 67.95,
+    },
+    "capacity": {
+        "cifar100": {"0.03": (71.74, 59.65), "0.05": (74.52, 60.19), "0.1": (76.19, 61.22),
+                     "0.3": (77.89, 63.15), "0.5": (79.76, 64.00)},
+        "tinyimagenet": {"0.03": (69.89, 60.72), "0.05": (73.24, 63.22), "0.1": (74.73, 61.96),
+                         "0.3": (74.38, 62.92), "0.5": (74.82, 61.06)},
+    },
+}
+"""The paper's reported values, transcribed from PAPER.md section 4 (ACC and BWT in %, PS as a fraction;
+capacity: (SNV, WSN) ACC in %). Fig. 4's critical percentages are shown only in a figure, not as numbers."""
+
+CAPACITIES = ("0.03", "0.05", "0.1", "0.3", "0.5")
+"""Table 3's c values, spelled as in run_experiments.sh's folder names."""
+MAIN_SETTINGS = (("pmnist", 10), ("cifar100", 10), ("cifar100", 20), ("tinyimagenet", 10), ("tinyimagenet", 20),
+                 ("imagenet1k", 10), ("imagenet1k", 20), ("imagenet1k", 50))
+SCENARIOS = ("task_il", "class_il")
+DATASETS = {"pmnist": "PMNIST", "splitmnist": "Split-MNIST", "cifar100": "CIFAR-100",
+            "tinyimagenet": "TinyImageNet", "imagenet1k": "ImageNet-1k"}
+SHORT = {"task_il": "TIL", "class_il": "CIL"}
+METHOD_NAMES = {"snv": "SNV", "sgd": "SGD (lower bound)", "joint": "Joint (upper bound)"}
+NOT_RUN = "not run"
+NONE = "—"
+UNDEFINED = "n/a"
+ALL_METRICS = ("ACC", "BWT", "FWT", "AF", "PS", "Intransigence", "CAP")
+FRACTIONS = frozenset({"PS", "P", "S", "CAP"})
+"""Metrics shown as fractions (3 decimals); the others are accuracies shown in % (2 decimals)."""
+
+
+def task_suffix(dataset: str, tasks: int) -> str:
+    """The folder-name suffix of run_experiments.sh: _T<T> for datasets run with several task counts."""
+    return "" if dataset in ("pmnist", "splitmnist") else f"_T{tasks}"
+
+
+def main_folder(dataset: str, scenario: str, tasks: int, method: str = "snv") -> str:
+    """A main-table run's folder: <dataset>/snv_<scenario>[_T<T>], bounds/<dataset>_<method>_<scenario>[_T<T>]."""
+    if method == "snv":
+        return f"{dataset}/snv_{scenario}{task_suffix(dataset, tasks)}"
+    return f"bounds/{dataset}_{method}_{scenario}{task_suffix(dataset, tasks)}"
+
+
+def capacity_folder(dataset: str, c: str) -> str:
+    """Table 3's folder; c = 0.1 = 1/T is the 10-task TIL main run."""
+    return main_folder(dataset, "task_il", 10) if c == "0.1" else f"capacity/{dataset}_c{c}"
+
+
+# ----------------------------------------------------------------------------- results
+
+@dataclass
+class Experiment:
+    """One results folder: its seed JSONs (sorted by seed)."""
+
+    folder: str
+    runs: list[dict]
+
+    @property
+    def args(self) -> dict:
+        return self.runs[0]["args"]
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    def values(self, key: str) -> list[float]:
+        """The metric `key` of every seed where it is defined."""
+        return [float(r["metrics"][key]) for r in self.runs if r.get("metrics", {}).get(key) is not None]
+
+    def matches(self, expect: dict) -> bool:
+        """True if every expected argument equals this folder's (sparsity compared as a number)."""
+        return all(abs(float(self.args.get(k, "nan")) - float(v)) < 1e-9 if k == "sparsity"
+                   else self.args.get(k) == v for k, v in expect.items())
+
+
+def load_experiment(folder: Path, name: str) -> Experiment | None:
+    """The seed*.json files of `folder` (None if it has none)."""
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("seed*.json"))]
+    return Experiment(name, sorted(runs, key=lambda r: r["seed"])) if runs else None
+
+
+def find_experiments(root: Path, exclude: str | None = None) -> dict[str, Experiment]:
+    """Every folder below `root` holding seed JSONs, by path relative to `root` (the subtree `exclude` left out)."""
+    found: dict[str, Experiment] = {}
+    for folder in sorted({p.parent for p in root.rglob("seed*.json")}):
+        rel = folder.relative_to(root).as_posix()
+        if exclude is not None and (rel == exclude or rel.startswith(exclude + "/")):
+            continue
+        if (exp := load_experiment(folder, rel)) is not None:
+            found[rel] = exp
+    return found
+
+
+@dataclass
+class Results:
+    """The experiments of one results tree, looked up by folder with a check of their settings."""
+
+    experiments: dict[str, Experiment]
+    warnings: list[str] = field(default_factory=list)
+
+    def get(self, folder: str, **expect) -> Experiment | None:
+        """The experiment in `folder` if its settings match `expect`; otherwise None and a warning."""
+        exp = self.experiments.get(folder)
+        if exp is not None and not exp.matches(expect):
+            found = {k: exp.args.get(k) for k in expect}
+            self.warnings.append(f"`{folder}` holds {found}, expected {expect}: ignored")
+            return None
+        return exp
+
+    def main(self, dataset: str, scenario: str, tasks: int, method: str = "snv") -> Experiment | None:
+        return self.get(main_folder(dataset, scenario, tasks, method), dataset=dataset, scenario=scenario,
+                        num_tasks=tasks, method=method)
+
+    def baseline(self, method: str, dataset: str, scenario: str, tasks: int, **extra) -> Experiment | None:
+        """A comparison run under baselines/ with these settings (the one with the most seeds)."""
+        expect = dict(method=method, dataset=dataset, scenario=scenario, num_tasks=tasks, **extra)
+        hits = [e for f, e in self.experiments.items() if f.startswith("baselines/") and e.matches(expect)]
+        return max(hits, key=lambda e: e.n, default=None)
+
+
+# ----------------------------------------------------------------------------- cells and tables
+
+def is_fraction(key: str) -> bool:
+    return key in FRACTIONS
+
+
+def scaled(key: str, value: float) -> float:
+    """A metric as displayed: accuracies in %, fractions as they are."""
+    return value if is_fraction(key) else 100.0 * value
+
+
+def number(key: str, value: float, signed: bool = False) -> str:
+    digits = 3 if is_fraction(key) else 2
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def stats(values: list[float]) -> tuple[float, float]:
+    """(mean, std) with metrics.summarize's convention (population std)."""
+    s = metrics.summarize([{"v": v} for v in values])["v"]
+    return s["mean"], s["std"]
+
+
+@dataclass
+class Cell:
+    """One measured quantity: a metric of an experiment (None = not run), with the paper's value if any."""
+
+    exp: Experiment | None
+    key: str = "ACC"
+    paper: float | None = None
+
+    def mean(self) -> float | None:
+        values = self.exp.values(self.key) if self.exp is not None else []
+        return scaled(self.key, stats(values)[0]) if values else None
+
+    def ours(self, n_table: int) -> str:
+        if self.exp is None:
+            return NOT_RUN
+        values = self.exp.values(self.key)
+        if not values:
+            return UNDEFINED
+        mean, std = stats(values)
+        text = f"{number(self.key, scaled(self.key, mean))} ± {number(self.key, scaled(self.key, std))}"
+        return text + (f" (n={self.exp.n})" if self.exp.n != n_table else "")
+
+    def paper_text(self) -> str:
+        return NONE if self.paper is None else number(self.key, self.paper)
+
+    def gap(self) -> str:
+        mean = self.mean()
+        return NONE if mean is None or self.paper is None else number(self.key, mean - self.paper, signed=True)
+
+
+def provenance(exps: Iterable[Experiment | None]) -> tuple[int, str]:
+    """(the most common seed count, a line naming n seeds, devices and machines of these experiments)."""
+    exps = [e for e in exps if e is not None]
+    if not exps:
+        return 0, "n seeds: 0 (nothing in this table has been run yet)."
+    counts = sorted({e.n for e in exps})
+    n = max(counts, key=lambda k: (sum(e.n == k for e in exps), k))
+    devices = sorted({r.get("device", "unknown") for e in exps for r in e.runs})
+    machines = sorted({f"{r.get('machine', {}).get('host', 'unknown')} ({r.get('machine', {}).get('cpus', '?')} CPUs, "
+                       f"torch {r.get('machine', {}).get('torch', '?')})" for e in exps for r in e.runs})
+    seeds = "/".join(str(k) for k in counts)
+    return n, f"n seeds: {seeds} per run (cells with another n say so); device: {', '.join(devices)}; " \
+              f"machine: {', '.join(machines)}."
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def comparison_table(title: str, columns: list[str], rows: list[tuple[str, list[Cell]]], note: str = "") -> str:
+    """Each row label gives three lines: ours (mean ± std), the paper's value, and the gap ours - paper."""
+    n, prov = provenance(c.exp for _, cells in rows for c in cells)
+    body = []
+    for label, cells in rows:
+        body.append([label, "ours"] + [c.ours(n) for c in cells])
+        body.append(["", "paper"] + [c.paper_text() for c in cells])
+        body.append(["", "gap"] + [c.gap() for c in cells])
+    return "\n\n".join(x for x in (f"### {title}", note, markdown(["", ""] + columns, body), prov) if x)
+
+
+def runs_table(title: str, exps: list[tuple[str, Experiment | None]], note: str = "") -> str:
+    """Ours only: every metric of each experiment (no paper number exists for these)."""
+    n, prov = provenance(e for _, e in exps)
+    header = ["run"] + [f"{k} ({'fraction' if is_fraction(k) else '%'})" for k in ALL_METRICS] + ["n"]
+    body = [[label] + [Cell(e, k).ours(n) for k in ALL_METRICS] + [str(e.n) if e else NONE] for label, e in exps]
+    return "\n\n".join(x for x in (f"### {title}", note, markdown(header, body), prov) if x)
+
+
+# ----------------------------------------------------------------------------- the paper's tables
+
+def imagenet_table(res: Results) -> str:
+    settings = [(s, t) for s in ("class_il", "task_il") for t in (10, 20, 50)]
+    columns = [f"{SHORT[s]} {t}" for s, t in settings]
+    paper = PAPER_REPORTED["imagenet1k"]
+    rows = [("SNV", [Cell(res.main("imagenet1k", s, t), paper=paper["SNV"][(s, t)]) for s, t in settings])]
+    for method, key in (("NFL+", None), ("DCNet", None), ("WSN", "wsn"), ("DyTox (20k buffer)", None)):
+        rows.append((method, [Cell(res.baseline(key, "imagenet1k", s, t) if key else None,
+                                   paper=paper[method].get((s, t))) for s, t in settings]))
+    for method in ("sgd", "joint"):
+        rows.append((METHOD_NAMES[method], [Cell(res.main("imagenet1k", s, t, method)) for s, t in settings]))
+    return comparison_table("ImageNet-1k, ResNet-18: ACC (%)", columns, rows,
+                            "NFL+, DCNet and DyTox are not implemented here (ours stays \"not run\"); WSN comes "
+                            "from a baselines/ run with the same settings if there is one.")
+
+
+def ten_task_table(res: Results, scenario: str) -> str:
+    keys = ("ACC", "BWT", "PS", "FWT", "AF", "Intransigence", "CAP")
+    columns = [f"{k} ({'fraction' if is_fraction(k) else '%'})" for k in keys]
+    rows = []
+    for dataset in ("pmnist", "cifar100", "tinyimagenet"):
+        paper = PAPER_REPORTED["ten_tasks"][(dataset, scenario)]
+        exp = res.main(dataset, scenario, 10)
+        rows.append((DATASETS[dataset], [Cell(exp, k, paper.get(k)) for k in keys]))
+    label = "task-incremental (c = 0.1)" if scenario == "task_il" else "class-incremental (c = 0.1)"
+    return comparison_table(f"10 tasks, {label}: SNV", columns, rows,
+                            "The paper's BWT unit is not stated; it is read here as percentage points.")
+
+
+def twenty_task_table(res: Results) -> str:
+    columns = [f"{SHORT[s]} {k} ({'fraction' if is_fraction(k) else '%'})" for s in SCENARIOS
+               for k in ("ACC", "BWT", "PS")]
+    rows = []
+    for dataset in ("cifar100", "tinyimagenet"):
+        cells = []
+        for s in SCENARIOS:
+            exp = res.main(dataset, s, 20)
+            cells += [Cell(exp, "ACC", PAPER_REPORTED["twenty_tasks"][(dataset, s)]), Cell(exp, "BWT"), Cell(exp, "PS")]
+        rows.append((DATASETS[dataset], cells))
+    return comparison_table("20 tasks (c = 0.05): SNV", columns, rows)
+
+
+def capacity_tables(res: Results) -> str:
+    out = []
+    for dataset in ("cifar100", "tinyimagenet"):
+        paper = PAPER_REPORTED["capacity"][dataset]
+        rows = []
+        for c in CAPACITIES:
+            snv = res.get(capacity_folder(dataset, c), dataset=dataset, scenario="task_il", num_tasks=10,
+                          method="snv", sparsity=float(c))
+            wsn = res.baseline("wsn", dataset, "task_il", 10, sparsity=float(c))
+            rows.append((f"c = {c}", [Cell(snv, paper=paper[c][0]), Cell(wsn, paper=paper[c][1])]))
+        out.append(comparison_table(f"Table 3, {DATASETS[dataset]}: task-incremental, 10 tasks, ACC (%) against "
+                                    "capacity c", ["SNV", "WSN"], rows,
+                                    "c = 0.1 is the 10-task TIL main run; WSN comes from a baselines/ run with "
+                                    "the same --sparsity if there is one."))
+    return "\n\n".join(out)
+
+
+def pruning_experiments(res: Results) -> list[tuple[str, Experiment | None]]:
+    """Fig. 4's runs (run_experiments.sh's pruning group), labelled."""
+    out = []
+    for dataset in ("pmnist", "cifar100"):
+        for method in ("snv", "sgd"):
+            for s in SCENARIOS:
+                exp = res.get(f"pruning/{dataset}_{method}_{s}", dataset=dataset, method=method, scenario=s)
+                out.append((f"{DATASETS[dataset]} {SHORT[s]} {METHOD_NAMES[method]}",
+                            exp if exp is None or any("pruning" in r for r in exp.runs) else None))
+    return out
+
+
+def critical_text(exp: Experiment | None) -> str:
+    """Mean ± std of the critical percentage over seeds; seeds never falling below half are counted apart."""
+    if exp is None:
+        return NOT_RUN
+    crit = [r["pruning"]["critical_percentage"] for r in exp.runs if "pruning" in r]
+    reached = [float(c) for c in crit if c is not None]
+    if not reached:
+        return f"never (n={len(crit)})"
+    mean, std = stats(reached)
+    never = len(crit) - len(reached)
+    return f"{mean:.1f} ± {std:.1f}" + (f" (never in {never} of {len(crit)})" if never else "")
+
+
+def curve_at(exp: Experiment | None, rate: int) -> str:
+    """Mean ± std over seeds of the average accuracy (%) at pruning `rate`."""
+    if exp is None:
+        return NOT_RUN
+    values = [r["pruning"]["avg_accuracy"][r["pruning"]["rates"].index(rate)] for r in exp.runs if "pruning" in r]
+    mean, std = stats(values)
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def pruning_table(res: Results) -> str:
+    exps = pruning_experiments(res)
+    n, prov = provenance(e for _, e in exps)
+    body = [[label, critical_text(e), NONE, curve_at(e, 0), curve_at(e, 50), curve_at(e, 90),
+             str(e.n) if e else NONE] for label, e in exps]
+    header = ["run", "critical % (ours)", "critical % (paper)", "avg acc 0% pruned", "50% pruned", "90% pruned", "n"]
+    note = ("Backbone weights (Linear/Conv2d producers, not heads) pruned globally by magnitude at 0, 5, ..., 90%; "
+            "critical % = first rate whose average accuracy is below half the unpruned one. The paper shows Fig. 4 "
+            "only as a figure, so it has no number to compare (\"—\"); see figures/pruning_curves.png.")
+    return "\n\n".join(["### Fig. 4: pruning robustness", note, markdown(header, body), prov])
+
+
+# ----------------------------------------------------------------------------- what only we run
+
+def bounds_table(res: Results) -> str:
+    exps = [(f"{DATASETS[d]} {SHORT[s]} T={t} {METHOD_NAMES[m]}", res.main(d, s, t, m))
+            for d, t in MAIN_SETTINGS for s in SCENARIOS for m in ("sgd", "joint")]
+    return runs_table("Bounds: SGD (fine-tuning) and Joint, every main-table setting (ours only)", exps)
+
+
+def splitmnist_table(res: Results) -> str:
+    exps = [(f"{SHORT[s]} {METHOD_NAMES[m]}", res.get(f"splitmnist/{m}_{s}", dataset="splitmnist", method=m,
+                                                       scenario=s)) for m in ("snv", "sgd") for s in SCENARIOS]
+    return runs_table("Split-MNIST, 5 tasks, ResNet-18 at CPU width (ours only)", exps)
+
+
+def comparison_runs_table(res: Results) -> str:
+    """The runs of run_experiments_baselines.txt (baselines/), after SNV and the bounds on PMNIST as references."""
+    refs = [(f"reference: PMNIST {SHORT[s]} {METHOD_NAMES[m]}", res.main("pmnist", s, 10, m))
+            for s in SCENARIOS for m in ("snv", "sgd", "joint")]
+    exps = [(f"`{f.removeprefix('baselines/')}`", e) for f, e in sorted(res.experiments.items())
+            if f.startswith("baselines/")]
+    return runs_table("Comparison runs (run_experiments_baselines.txt; ours only)", refs + exps,
+                      "Every grid point is listed: the harness records test accuracy only, so picking the best "
+                      "point by it would be optimistic.")
+
+
+def rank_correlation_table(root: Path, exclude: str | None) -> str:
+    """Spearman of each cheap neuron score with Monte Carlo Shapley (baselines.py rank-correlation), over seeds."""
+    files = sorted(p for p in root.rglob("rank_correlation_seed*.json")
+                   if exclude is None or not p.relative_to(root).as_posix().startswith(exclude + "/"))
+    title = "### Neuron scores against Monte Carlo Shapley (task 1; ours only)"
+    if not files:
+        return f"{title}\n\n{NOT_RUN}."
+    runs = [json.loads(p.read_text()) for p in files]
+    body = []
+    for kind in runs[0]["scores"]:
+        cells = []
+        for key in ("spearman_shapley", "spearman_removal", "topk_overlap", "seconds"):
+            values = [float(r["scores"][kind][key]) for r in runs if r["scores"][kind].get(key) is not None]
+            cells.append(NONE if not values else "{:.3f} ± {:.3f}".format(*stats(values)))
+        body.append([kind] + cells)
+    header = ["score", "Spearman with Shapley", "Spearman with removal effect", "top-k overlap", "seconds"]
+    prov = f"n seeds: {len(runs)}; device: {', '.join(sorted({r['device'] for r in runs}))}; dataset: " \
+           f"{', '.join(sorted({r['args']['dataset'] for r in runs}))}."
+    return "\n\n".join([title, markdown(header, body), prov])
+
+
+def all_runs_table(res: Results) -> str:
+    exps = [(f"`{f}` ({e.args.get('method')}, {e.args.get('dataset')}, {SHORT.get(e.args.get('scenario'), '?')}, "
+             f"T={e.args.get('num_tasks')}, c={e.args.get('sparsity', float('nan')):.3g})", e)
+            for f, e in sorted(res.experiments.items())]
+    return runs_table("Every results folder", exps) if exps else "### Every results folder\n\nNo results yet."
+
+
+def section(root: Path, label: str, exclude: str | None) -> str:
+    """All tables of one results tree."""
+    res = Results(find_experiments(root, exclude) if root.is_dir() else {})
+    parts = [imagenet_table(res), ten_task_table(res, "task_il"), ten_task_table(res, "class_il"),
+             twenty_task_table(res), capacity_tables(res), pruning_table(res), bounds_table(res),
+             splitmnist_table(res), comparison_runs_table(res), rank_correlation_table(root, exclude),
+             all_runs_table(res)]
+    if label:
+        parts = [p.replace("### ", f"### {label}: ") for p in parts]
+    if res.warnings:
+        parts.append("### Warnings\n\n" + "\n".join(f"- {w}" for w in sorted(set(res.warnings))))
+    return "\n\n".join(parts)
+
+
+QUICK_LABEL = "QUICK (CPU smoke test, not the paper's protocol)"
+
+
+def report(results: Path) -> str:
+    """The whole Markdown report of a results tree: the full protocol, then results/quick on its own."""
+    head = ["# SNV reproduction: results against the paper", "",
+            f"Generated by `python report.py --results {results}` from the seed JSONs under `{results}/`.",
+            "*paper* = the paper's reported values (PAPER.md section 4, `PAPER_REPORTED` in report.py); *ours* = "
+            "mean ± std (population) over seeds; accuracies, BWT, FWT, AF and intransigence in %, PS and CAP as "
+            "fractions; *gap* = ours mean - paper. \"not run\" = no results on this machine, \"n/a\" = the metric "
+            "is undefined for these runs (e.g. intransigence without a joint run), \"—\" = no number to compare."]
+    body = ["## Full protocol (seeds 42..51)", section(results, "", "quick")]
+    quick = results / "quick"
+    if quick.is_dir():
+        body += [f"## {QUICK_LABEL}", f"CPU-sized settings from `run_experiments.sh --quick` (`{quick}/`): "
+                 "few epochs and seeds, narrow ResNet, few Shapley orderings. Never compare these to the paper.",
+                 section(quick, "QUICK", None)]
+    return "\n".join(head) + "\n\n" + "\n\n".join(body) + "\n"
+
+
+# ----------------------------------------------------------------------------- figures
+
+def run_figures(exp: Experiment, out: Path) -> list[Path]:
+    """Accuracy matrix, Shapley heatmap and capacity per layer of the experiment's first seed."""
+    run = exp.runs[0]
+    return utils.plot_run(run, out / exp.folder / f"seed{run['seed']}")
+
+
+def capacity_figure(res: Results, path: Path) -> None:
+    series: dict[str, tuple[list[float], list[float], list[float] | None]] = {}
+    for dataset in ("cifar100", "tinyimagenet"):
+        for method in ("snv", "wsn"):
+            cs, means, stds = [], [], []
+            for c in CAPACITIES:
+                exp = (res.get(capacity_folder(dataset, c), dataset=dataset, method="snv", sparsity=float(c))
+                       if method == "snv" else res.baseline("wsn", dataset, "task_il", 10, sparsity=float(c)))
+                if exp is not None and exp.values("ACC"):
+                    mean, std = stats(exp.values("ACC"))
+                    cs.append(float(c))
+                    means.append(100 * mean)
+                    stds.append(100 * std)
+            if cs:
+                series[f"{DATASETS[dataset]} {method.upper()} (ours)"] = (cs, means, stds)
+        paper = PAPER_REPORTED["capacity"][dataset]
+        for i, method in enumerate(("SNV", "WSN")):
+            series[f"{DATASETS[dataset]} {method} (paper)"] = ([float(c) for c in CAPACITIES],
+                                                                [paper[c][i] for c in CAPACITIES], None)
+    utils.plot_capacity_sweep(series, path)
+
+
+def pruning_figure(res: Results, path: Path) -> bool:
+    """Fig. 4's curves (mean ± std over seeds); False if no pruning run exists."""
+    curves = {}
+    for label, exp in pruning_experiments(res):
+        if exp is None:
+            continue
+        runs = [r["pruning"] for r in exp.runs if "pruning" in r]
+        columns = list(zip(*(p["avg_accuracy"] for p in runs)))
+        mean_std = [stats([100 * a for a in col]) for col in columns]
+        curves[label] = (runs[0]["rates"], [m for m, _ in mean_std], [s for _, s in mean_std])
+    if curves:
+        utils.plot_pruning_curves(curves, path)
+    return bool(curves)
+
+
+def figures(results: Path, out: Path) -> list[Path]:
+    """Every figure of the full tree into `out`, of results/quick into `out`/quick; returns the paths written."""
+    written: list[Path] = []
+    for root, dest, exclude in ((results, out, "quick"), (results / "quick", out / "quick", None)):
+        if not root.is_dir():
+            continue
+        res = Results(find_experiments(root, exclude))
+        for exp in res.experiments.values():
+            written += run_figures(exp, dest)
+        if res.experiments:
+            capacity_figure(res, dest / "capacity_sweep.png")
+            written.append(dest / "capacity_sweep.png")
+        if pruning_figure(res, dest / "pruning_curves.png"):
+            written.append(dest / "pruning_curves.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=Path("results"), help="the results tree of run_experiments.sh")
+    p.add_argument("--out", type=Path, default=None, help="Markdown file (default RESULTS.md unless --figures)")
+    p.add_argument("--figures", action="store_true", help="draw the figures into --figures-dir")
+    p.add_argument("--figures-dir", type=Path, default=Path("figures"))
+    args = p.parse_args(argv)
+    if args.out is None and not args.figures:
+        args.out = Path("RESULTS.md")
+    if args.out is not None:
+        args.out.write_text(report(args.results))
+        print(f"wrote {args.out}")
+    if args.figures:
+        print(f"wrote {len(figures(args.results, args.figures_dir))} figures under {args.figures_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

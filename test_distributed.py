@@ -1,0 +1,85 @@
+"""Tests of the torch.distributed path on CPU (gloo): sharded Shapley orderings and a 2-process torchrun run."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import snv_core
+import train
+
+HERE = Path(__file__).resolve().parent
+N, K = 12, 3
+ORDERINGS = torch.stack([torch.randperm(N, generator=torch.Generator().manual_seed(i)) for i in range(7)])
+
+
+def game(keeps: torch.Tensor) -> torch.Tensor:
+    """Well-separated additive values plus a random interaction term: V in [0, ~3]."""
+    w = torch.tensor([1.0, 0.9, 0.8] + [0.05] * (N - 3), dtype=torch.float64)
+    table = torch.rand(2 ** N, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    return (keeps.double() * w).sum(1) + 0.05 * table[(keeps.long() * 2 ** torch.arange(N)).sum(1)]
+
+
+def fixed_orderings(**kw) -> snv_core.ShapleyResult:
+    """The estimate over ORDERINGS, bandit off, with truncation."""
+    return snv_core.permutation_shapley(game, N, K, tau=0.5, use_bandit=False, orderings=ORDERINGS, **kw)
+
+
+def with_bandit(**kw) -> snv_core.ShapleyResult:
+    """Seeded random orderings with the bandit on."""
+    return snv_core.permutation_shapley(game, N, K, tau=-math.inf, max_orderings=60, seed=0, threshold="midpoint",
+                                        **kw)
+
+
+def worker(rank: int, world: int, store: str, out: str) -> None:
+    """One gloo rank: both estimates, saved to <out>/rank<rank>.pt."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        group = train.Dist(rank, world)
+        kw = dict(rank=rank, world_size=world, all_reduce=group.all_reduce)
+        fixed, bandit = fixed_orderings(**kw), with_bandit(**kw)
+        torch.save({"fixed": (fixed.phi, fixed.counts, fixed.evaluations), "bandit": (bandit.phi, bandit.orderings),
+                    "top_k": snv_core.top_k(bandit.phi, K)}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_shapley_matches_single_process(tmp_path):
+    mp.spawn(worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = fixed_orderings()
+    for r in ranks:
+        phi, counts, evaluations = r["fixed"]
+        assert torch.allclose(phi, single.phi, rtol=0, atol=1e-12)
+        assert torch.equal(counts, single.counts) and evaluations == single.evaluations
+    assert torch.equal(ranks[0]["bandit"][0], ranks[1]["bandit"][0])
+    assert ranks[0]["bandit"][1] == ranks[1]["bandit"][1] < 60  # the bandit stopped, on both ranks at once
+    assert torch.equal(ranks[0]["top_k"], ranks[1]["top_k"])
+    assert ranks[0]["top_k"].nonzero().squeeze(1).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet18"])
+def test_torchrun_two_processes_write_results_once(tmp_path, arch):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           "--dataset", "synthetic", "--device", "cpu", "--arch", arch, "--width", "4", "--epochs", "1",
+           "--max-permutations", "4", "--shapley-eval-batches", "1", "--out-dir", str(out), "--seeds", "0",
+           "--no-figures"]
+    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["seed0.json", "summary.json"]
+    assert proc.stdout.count("results in") == 1 and proc.stdout.count("task 3/3") == 1
+    data = json.loads((out / "seed0.json").read_text())
+    assert data["args"]["world_size"] == 2 and len(data["shapley"]) == 3
+    A = data["accuracy_matrix"]
+    assert all(0 <= a <= 1 for row in A for a in row if a is not None)
+    assert all(A[2][j] == A[j][j] for j in range(3))  # frozen subnetworks (and their BatchNorm) kept under DDP

@@ -1,0 +1,294 @@
+"""Tests of report.py (tables from fake results), run_experiments.sh (dry runs) and train.pruning_curve."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import report
+import train
+from models import build_model
+
+HERE = Path(__file__).resolve().parent
+DEVICE = "cpu (test-cpu)"
+
+
+def fake_run(seed: int, acc: float, dataset: str = "cifar100", scenario: str = "task_il", tasks: int = 10,
+             method: str = "snv", sparsity: float | None = None, **extra) -> dict:
+    """A seed JSON with the fields report.py reads; ACC = `acc`, BWT = -acc / 100."""
+    A = [[acc if j <= i + 1 else None for j in range(3)] for i in range(3)]
+    return {"args": {"dataset": dataset, "scenario": scenario, "num_tasks": tasks, "method": method,
+                     "sparsity": sparsity if sparsity is not None else 1 / tasks},
+            "seed": seed, "device": DEVICE, "machine": {"host": "testhost", "cpus": 2, "torch": "x"},
+            "accuracy_matrix": A, "layer_sizes": [2, 2], "layer_names": ["a", "b"],
+            "shapley": [{"phi": [0.1, 0.2, 0.0, -0.1], "frozen_per_layer": [1, t]} for t in range(3)],
+            "metrics": {"ACC": acc, "BWT": -acc / 100, "FWT": None, "AF": 0.0, "PS": 0.5, "P": 0.5, "S": 0.5,
+                        "Intransigence": None, "AvgAcc": acc, "CAP": 0.1}, **extra}
+
+
+def write_runs(folder: Path, runs: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for r in runs:
+        (folder / f"seed{r['seed']}.json").write_text(json.dumps(r))
+
+
+def row_after(text: str, title: str, label: str) -> list[str]:
+    """The cells of the `ours` row labelled `label` and the next two (paper, gap) in the table titled `title`."""
+    table = text.split(f"### {title}", 1)[1].split("\n### ", 1)[0]
+    lines = table.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith(f"| {label} | ours"))
+    return [[c.strip() for c in lines[k].strip("|").split("|")] for k in range(i, i + 3)]
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> Path:
+    """A results tree: CIFAR-100 TIL-10 (2 seeds), a capacity point, a pruning run, quick runs, a misfiled run."""
+    root = tmp_path / "results"
+    write_runs(root / "cifar100/snv_task_il_T10", [fake_run(42, 0.70), fake_run(43, 0.74)])
+    write_runs(root / "capacity/cifar100_c0.03", [fake_run(42, 0.60, sparsity=0.03)])
+    write_runs(root / "cifar100/snv_class_il_T10", [fake_run(42, 0.5, scenario="task_il")])
+    pruning = {"rates": [0, 50, 90], "avg_accuracy": [0.8, 0.6, 0.2], "critical_percentage": 90}
+    write_runs(root / "pruning/pmnist_snv_task_il", [fake_run(42, 0.8, dataset="pmnist", pruning=pruning)])
+    write_runs(root / "quick/cifar100/snv_task_il_T10", [fake_run(42, 0.30), fake_run(43, 0.30)])
+    return root
+
+
+def test_report_tables(tree: Path) -> None:
+    text = report.report(tree)
+    full, quick = text.split(f"## {report.QUICK_LABEL}")
+    ours, paper, gap = row_after(full, "10 tasks, task-incremental (c = 0.1): SNV", "CIFAR-100")
+    assert ours[2] == "72.00 ± 2.00" and paper[2] == "76.19" and gap[2] == "-4.19"
+    assert ours[3] == "-0.72 ± 0.02" and paper[3] == "0.00" and gap[3] == "-0.72"
+    assert ours[5] == report.UNDEFINED and gap[5] == report.NONE  # FWT undefined, no paper number
+    ours, _, _ = row_after(full, "10 tasks, task-incremental (c = 0.1): SNV", "PMNIST")
+    assert set(ours[2:]) == {report.NOT_RUN}
+    ours, paper, gap = row_after(full, "ImageNet-1k, ResNet-18: ACC (%)", "SNV")
+    assert set(ours[2:]) == {report.NOT_RUN} and paper[2] == "41.30" and set(gap[2:]) == {report.NONE}
+    ours, paper, gap = row_after(full, "Table 3, CIFAR-100: task-incremental, 10 tasks, ACC (%) against capacity c",
+                                 "c = 0.03")
+    assert ours[2] == "60.00 ± 0.00 (n=1)" and paper[2] == "71.74" and gap[2] == "-11.74" and ours[3] == "not run"
+    ours, _, _ = row_after(full, "Table 3, CIFAR-100: task-incremental, 10 tasks, ACC (%) against capacity c",
+                           "c = 0.1")
+    assert ours[2] == "72.00 ± 2.00"  # c = 0.1 is the main TIL-10 run
+    assert "n seeds: 1/2 per run" in full and DEVICE in full and "testhost" in full
+    assert "| PMNIST TIL SNV | 90.0 ± 0.0 | — | 80.00 ± 0.00 | 60.00 ± 0.00 | 20.00 ± 0.00 | 1 |" in full
+    assert "| CIFAR-100 TIL SNV | not run |" in full
+    assert "`cifar100/snv_class_il_T10` holds" in full  # a folder with other settings is ignored, with a warning
+    assert "30.00" not in full  # quick results never appear in the full tables
+    ours, _, gap = row_after(quick, "QUICK: 10 tasks, task-incremental (c = 0.1): SNV", "CIFAR-100")
+    assert ours[2] == "30.00 ± 0.00" and gap[2] == "-46.19"
+    assert "### 10 tasks" not in quick
+    assert "### Neuron scores against Monte Carlo Shapley (task 1; ours only)\n\nnot run." in full
+
+
+def test_report_comparison_runs(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    write_runs(root / "baselines/pmnist_task_il_ewc-lambda100_T10",
+               [fake_run(42, 0.5, dataset="pmnist", method="ewc"), fake_run(43, 0.7, dataset="pmnist", method="ewc")])
+    write_runs(root / "baselines/cifar100_wsn_c0.03", [fake_run(42, 0.55, method="wsn", sparsity=0.03)])
+    (root / "baselines/rc").mkdir(parents=True)
+    for seed, rho in ((42, 0.2), (43, 0.4)):
+        scores = {"shapley": {"seconds": 9.0}, "random": {"seconds": 0.0, "spearman_shapley": rho,
+                                                          "spearman_removal": 0.0, "topk_overlap": 0.1}}
+        (root / f"baselines/rc/rank_correlation_seed{seed}.json").write_text(json.dumps(
+            {"seed": seed, "device": DEVICE, "args": {"dataset": "pmnist"}, "scores": scores}))
+    text = report.report(root)
+    assert "| `pmnist_task_il_ewc-lambda100_T10` | 60.00 ± 10.00 |" in text
+    assert "| reference: PMNIST TIL SNV | not run |" in text
+    assert "| random | 0.300 ± 0.100 | 0.000 ± 0.000 | 0.100 ± 0.000 | 0.000 ± 0.000 |" in text
+    ours, paper, gap = row_after(text, "Table 3, CIFAR-100: task-incremental, 10 tasks, ACC (%) against capacity c",
+                                 "c = 0.03")
+    assert ours[3] == "55.00 ± 0.00" and paper[3] == "59.65" and gap[3] == "-4.65"  # WSN found by its settings
+
+
+def test_report_cli_and_figures(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(tree), "--out", str(out)]) == 0
+    assert out.read_text().startswith("# SNV reproduction")
+    figs = tmp_path / "figures"
+    assert report.main(["--results", str(tree), "--figures", "--figures-dir", str(figs)]) == 0
+    for name in ("cifar100/snv_task_il_T10/seed42/accuracy_matrix.png", "cifar100/snv_task_il_T10/seed42/capacity.png",
+                 "cifar100/snv_task_il_T10/seed42/shapley_heatmap.png", "capacity_sweep.png", "pruning_curves.png",
+                 "quick/cifar100/snv_task_il_T10/seed42/accuracy_matrix.png"):
+        assert (figs / name).is_file(), name
+
+
+def test_report_empty_tree(tmp_path: Path) -> None:
+    text = report.report(tmp_path / "nothing")
+    assert "not run" in text and "nothing in this table has been run yet" in text
+    assert not re.search(r"\d+\.\d+ ±", text)
+
+
+# ----------------------------------------------------------------------------- run_experiments.sh
+
+def dry_run(tmp_path: Path, *flags: str) -> str:
+    env = {**os.environ, "SNV_RESULTS_DIR": str(tmp_path / "res"), "PYTHON": "python"}
+    proc = subprocess.run(["bash", "run_experiments.sh", "--dry-run", *flags], cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "res").exists()  # a dry run writes nothing
+    return proc.stdout
+
+
+def commands(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("python train.py")]
+
+
+def test_script_is_bash_clean() -> None:
+    assert subprocess.run(["bash", "-n", "run_experiments.sh"], cwd=HERE).returncode == 0
+
+
+def test_dry_run_lists_every_group(tmp_path: Path) -> None:
+    text = dry_run(tmp_path)
+    cmds = commands(text)
+    res = tmp_path / "res"
+    for group in ("bounds", "pmnist", "splitmnist", "cifar100", "tinyimagenet", "imagenet1k", "capacity",
+                  "pruning", "baselines"):
+        assert f"## group {group}" in text
+    expected = [f"{ds}/snv_{sc}{sfx}" for sc in ("task_il", "class_il") for ds, sfx in
+                [("pmnist", ""), ("cifar100", "_T10"), ("cifar100", "_T20"), ("tinyimagenet", "_T10"),
+                 ("tinyimagenet", "_T20"), ("imagenet1k", "_T10"), ("imagenet1k", "_T20"), ("imagenet1k", "_T50")]]
+    expected += [f"bounds/cifar100_{m}_class_il_T20" for m in ("sgd", "joint")]
+    expected += ["splitmnist/snv_class_il", "splitmnist/sgd_task_il", "pruning/cifar100_snv_class_il"]
+    for folder in expected:
+        mine = [c for c in cmds if c.split("--out-dir ")[1].split()[0] == f"{res}/{folder}"]
+        assert len(mine) == 11, folder  # one call per seed, then one --resume call writing the summary
+        assert mine[-1].endswith("--seeds 42 43 44 45 46 47 48 49 50 51 --resume")
+    assert any("--num-tasks 50" in c and "imagenet1k" in c for c in cmds)
+    main_runs = [c for c in cmds if "/capacity/" not in c and "/baselines/" not in c and "--sparsity 0.1" not in c]
+    assert main_runs and all("--sparsity" not in c for c in main_runs)  # c = 1/T, train.py's default
+    for c in ("0.03", "0.05", "0.3", "0.5"):
+        assert any(f"--sparsity {c}" in x and f"capacity/tinyimagenet_c{c}" in x for x in cmds), c
+    assert all("--prune-analysis" in c for c in cmds if "/pruning/" in c)
+    assert all("--width 16" in c for c in cmds if "splitmnist" in c)
+    assert not any("/quick/" in c for c in cmds)
+
+
+def test_dry_run_only_capacity(tmp_path: Path) -> None:
+    cmds = commands(dry_run(tmp_path, "--only", "capacity"))
+    folders = {c.split("--out-dir ")[1].split()[0] for c in cmds}
+    assert folders == {str(tmp_path / "res" / f) for f in
+                       ["cifar100/snv_task_il_T10", "tinyimagenet/snv_task_il_T10"]
+                       + [f"capacity/{d}_c{c}" for d in ("cifar100", "tinyimagenet") for c in ("0.03", "0.05", "0.3", "0.5")]}
+    for c in ("0.03", "0.05", "0.1", "0.3", "0.5"):
+        assert any(f"--sparsity {c} " in x for x in cmds), c
+
+
+def test_quick_dry_run_writes_under_quick(tmp_path: Path) -> None:
+    text = dry_run(tmp_path, "--quick", "--only", "pmnist,cifar100")
+    cmds = commands(text)
+    assert "QUICK mode" in text and cmds
+    assert all(f"--out-dir {tmp_path / 'res' / 'quick'}/" in c for c in cmds)
+    assert all("--epochs" in c and "--max-permutations 5" in c for c in cmds)
+    assert all("--width 16" in c for c in cmds if "cifar100" in c)
+    assert all(c.endswith(("--seeds 42", "--seeds 43", "--seeds 42 43 --resume")) for c in cmds)
+
+
+def test_dry_run_resumes_and_skips(tmp_path: Path) -> None:
+    res = tmp_path / "res"
+    done = res / "pmnist/snv_task_il"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text(json.dumps({"runs": list(range(42, 52))}))
+    partial = res / "pmnist/snv_class_il"
+    partial.mkdir(parents=True)
+    (partial / "seed42.json").write_text("{}")
+    (partial / "checkpoint_seed43.pt").write_text("")
+    joint = res / "bounds/pmnist_joint_class_il"
+    joint.mkdir(parents=True)
+    (joint / "seed44.json").write_text("{}")
+    env = {**os.environ, "SNV_RESULTS_DIR": str(res)}
+    proc = subprocess.run(["bash", "run_experiments.sh", "--dry-run", "--only", "pmnist"], cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    cmds = commands(proc.stdout)
+    assert f"# skipped: {done}/summary.json" in proc.stdout
+    assert not any(f"{done} " in c for c in cmds)
+    seeds = {c.split("--seeds ")[1] for c in cmds}
+    assert "42" not in seeds and "43 --resume" in seeds and f"44 --joint-results {joint}/seed44.json" in seeds
+    assert "45" in seeds and "42 43 44 45 46 47 48 49 50 51 --resume" in seeds
+
+
+def test_dry_run_baselines_file(tmp_path: Path) -> None:
+    listing = tmp_path / "baselines.txt"
+    listing.write_text("# comment\n\n"
+                       "python baselines.py rank-correlation --dataset pmnist --seeds 42 43 --out-dir results/rc\n"
+                       "python train.py --dataset pmnist --scenario task_il --method ewc --ewc-lambda 100 "
+                       "--seeds 42 43 44 --out-dir results/pmnist_task_il_ewc-lambda100_T10\n"
+                       "python train.py --dataset pmnist --scenario class_il --method snv --importance random "
+                       "--seeds 42 43 --out-dir results/pmnist_class_il_snv-random_T10\n")
+    res = tmp_path / "res"
+    (res / "bounds/pmnist_joint_class_il").mkdir(parents=True)
+    (res / "bounds/pmnist_joint_class_il/seed43.json").write_text("{}")
+    env = {**os.environ, "SNV_RESULTS_DIR": str(res), "SNV_BASELINES_FILE": str(listing)}
+    proc = subprocess.run(["bash", "run_experiments.sh", "--dry-run", "--only", "baselines"], cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert f"python baselines.py rank-correlation --dataset pmnist --out-dir {res}/baselines/rc --seeds 42 43" in lines
+    assert (f"python train.py --dataset pmnist --scenario task_il --method ewc --ewc-lambda 100 --out-dir "
+            f"{res}/baselines/pmnist_task_il_ewc-lambda100_T10 --seeds 42 43 44") in lines  # no --resume: one call
+    snv = [x for x in commands(proc.stdout) if "snv-random" in x]
+    assert [x.split("--seeds ")[1] for x in snv] == [
+        "42", f"43 --joint-results {res}/bounds/pmnist_joint_class_il/seed43.json", "42 43 --resume"]
+    assert any("bounds/pmnist_joint_task_il" in x for x in lines)  # the bounds come with the baselines group
+
+
+def test_bad_group_is_refused() -> None:
+    proc = subprocess.run(["bash", "run_experiments.sh", "--dry-run", "--only", "nope"], cwd=HERE,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown group nope" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- Fig. 4 pruning analysis
+
+def test_pruning_analysis(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = ["--dataset", "synthetic", "--width", "32", "--epochs", "3", "--mask-finetune-epochs", "1",
+            "--max-permutations", "4", "--shapley-eval-batches", "1", "--seeds", "0", "--no-figures",
+            "--no-progress", "--prune-analysis", "--out-dir", str(out)]
+    assert train.main(argv) == 0
+    result = json.loads((out / "seed0.json").read_text())
+    curve = result["pruning"]
+    assert curve["rates"] == list(range(0, 95, 5)) and len(curve["avg_accuracy"]) == 19
+    assert curve["avg_accuracy"][0] == pytest.approx(result["metrics"]["ACC"], abs=1e-12)
+    assert curve["avg_accuracy"][-1] != curve["avg_accuracy"][0]
+    half = curve["avg_accuracy"][0] / 2
+    expected = next((r for r, a in zip(curve["rates"], curve["avg_accuracy"]) if a < half), None)
+    assert curve["critical_percentage"] == expected
+
+
+def test_pruning_curve_restores_weights_and_prunes_backbone_only(tmp_path: Path) -> None:
+    bench = train.datasets.get_benchmark("synthetic", 2, 0, None)
+    args = train.resolve_args(train.build_parser().parse_args(
+        ["--dataset", "synthetic", "--num-tasks", "2", "--out-dir", str(tmp_path), "--device", "cpu"]))
+    torch.manual_seed(0)
+    model = build_model("mlp", bench.input_shape, 16)
+    for _ in range(2):
+        model.add_head(bench.classes_per_task)
+    state = train.State(torch.zeros(model.num_neurons, dtype=torch.bool))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen: list[float] = []
+    heads = [h.weight for h in model.heads]
+    original_evaluate = train.evaluate
+
+    def spy(model_, split, task, upto, *rest):
+        """Record the fraction of zero backbone weights; heads stay untouched."""
+        w = torch.cat([layer.producer.weight.flatten() for layer in model_.layers])
+        seen.append(float((w == 0).float().mean()))
+        assert all(torch.equal(h, before[f"heads.{i}.weight"]) for i, h in enumerate(heads))
+        assert upto == 1
+        return original_evaluate(model_, split, task, upto, *rest)
+
+    train.evaluate = spy
+    try:
+        curve = train.pruning_curve(model, bench, state, args, torch.device("cpu"))
+    finally:
+        train.evaluate = original_evaluate
+    assert len(curve["avg_accuracy"]) == 19
+    assert seen[0] == 0.0 and seen[-1] == pytest.approx(0.9, abs=1e-3)  # 2 tasks per rate
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
