@@ -142,6 +142,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
     device = torch.device(args.device)
+    snv_core.reuse_freed_memory()
     torch.manual_seed(0)
     print(f"bench_shapley: {' '.join(sys.argv)}\nmachine: {platform.platform()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}")
