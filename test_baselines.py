@@ -12,6 +12,7 @@ from torch import Tensor, nn
 import baselines
 import snv_core
 import train
+from test_snv import LogitRecorder
 from models import build_model
 
 SYNTHETIC = (3, 8, 8)
@@ -292,31 +293,14 @@ def test_old_task_logits_are_bit_identical_in_til(tmp_path, method, arch):
     args = train.resolve_args(train.build_parser().parse_args(run_args(
         tmp_path, "--method", method, "--arch", arch, "--width", "16" if arch == "mlp" else "4",
         "--optimizer", "sgd", "--weight-decay", "5e-3", "--lr", "0.02", "--packnet-prune", "0.5")))
-    bench = train.datasets.get_benchmark("synthetic", args.num_tasks, 0, None)
-    recorded: dict[int, Tensor] = {}
-    dense: dict[int, Tensor] = {}
-    mismatches, dense_changed = [], []
-
-    def check(t, model, state):
-        model.eval()
-        with torch.no_grad():
-            for j in range(t + 1):
-                x, _ = next(bench.tasks[j].test.batches(1000))
-                logits = train.task_logits(model, x, j, state)
-                if j in recorded and not torch.equal(recorded[j], logits):
-                    mismatches.append((t, j))
-                if j in dense and not torch.equal(dense[j], model(x, j)):
-                    dense_changed.append((t, j))
-                recorded.setdefault(j, logits)
-                dense.setdefault(j, model(x, j))
-
-    result = train.run_seed(args, 0, torch.device("cpu"), on_task_end=check)
-    assert len(recorded) == 3 and not mismatches
-    assert all(float(r.std(0).max()) > 0 for r in recorded.values())  # the subnetworks still depend on the input
+    rec = LogitRecorder(train.datasets.get_benchmark("synthetic", args.num_tasks, 0, None))
+    result = train.run_seed(args, 0, torch.device("cpu"), on_task_end=rec)
+    assert len(rec.recorded) == 3 and not rec.mismatches
+    assert all(float(r.std(0).max()) > 0 for r in rec.recorded.values())  # the subnetworks still depend on the input
     if method == "eidetic" and arch == "mlp":
-        assert dense_changed == []  # resistance: even the dense network keeps old tasks' logits
+        assert rec.dense_changed == []  # resistance: even the dense network keeps old tasks' logits
     else:
-        assert dense_changed  # not vacuous: the full network kept training
+        assert rec.dense_changed  # not vacuous: the full network kept training
     A = result["accuracy_matrix"]
     assert all(A[2][j] == A[j][j] for j in range(3)) and result["metrics"]["BWT"] == 0.0
 

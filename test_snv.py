@@ -261,36 +261,47 @@ def synthetic_args(tmp_path, *extra: str) -> list[str]:
             "--out-dir", str(tmp_path / "out"), "--seeds", "0", "--no-figures", *extra]
 
 
+class LogitRecorder:
+    """on_task_end hook: each task's TIL logits right after it is learned, compared after every later task.
+
+    mismatches: (t, j) where task j's subnetwork logits changed after task t; dense_changed: the same
+    for the full network's logits (model(x, j)), which shows whether the network itself moved.
+    """
+
+    def __init__(self, bench) -> None:
+        self.bench = bench
+        self.recorded: dict[int, Tensor] = {}
+        self.dense: dict[int, Tensor] = {}
+        self.mismatches: list[tuple[int, int]] = []
+        self.dense_changed: list[tuple[int, int]] = []
+
+    def __call__(self, t: int, model, state) -> None:
+        model.eval()
+        with torch.no_grad():
+            for j in range(t + 1):
+                x, _ = next(self.bench.tasks[j].test.batches(1000))
+                logits, dense = train.task_logits(model, x, j, state), model(x, j)
+                if j in self.recorded and not torch.equal(self.recorded[j], logits):
+                    self.mismatches.append((t, j))
+                if j in self.dense and not torch.equal(self.dense[j], dense):
+                    self.dense_changed.append((t, j))
+                self.recorded.setdefault(j, logits)
+                self.dense.setdefault(j, dense)
+
+
 @pytest.mark.parametrize("opt,wd", OPTIMIZERS)
 @pytest.mark.parametrize("arch", ["mlp", "resnet18"])
 def test_old_task_logits_are_bit_identical_in_til(tmp_path, arch, opt, wd):
     args = train.resolve_args(train.build_parser().parse_args(
         synthetic_args(tmp_path, "--arch", arch, "--width", "16" if arch == "mlp" else "8", "--optimizer", opt, "--weight-decay", str(wd),
                        "--mask-finetune-epochs", "1")))
-    bench = train.datasets.get_benchmark("synthetic", args.num_tasks, 0, None)
-    recorded: dict[int, Tensor] = {}
-    dense: dict[int, Tensor] = {}
-    mismatches, dense_changed = [], []
-
-    def check(t, model, state):
-        model.eval()
-        with torch.no_grad():
-            for j in range(t + 1):
-                x, _ = next(bench.tasks[j].test.batches(1000))
-                logits = train.task_logits(model, x, j, state)
-                if j in recorded and not torch.equal(recorded[j], logits):
-                    mismatches.append((t, j))
-                if j in dense and not torch.equal(dense[j], model(x, j)):
-                    dense_changed.append((t, j))
-                recorded.setdefault(j, logits)
-                dense.setdefault(j, model(x, j))
-
-    result = train.run_seed(args, 0, torch.device("cpu"), on_task_end=check)
-    assert len(recorded) == 3 and not mismatches
+    rec = LogitRecorder(train.datasets.get_benchmark("synthetic", args.num_tasks, 0, None))
+    result = train.run_seed(args, 0, torch.device("cpu"), on_task_end=rec)
+    assert len(rec.recorded) == 3 and not rec.mismatches
     # not vacuous: the network itself kept training (dense old-task logits moved) and the
     # subnetworks are alive (their logits vary across inputs)
-    assert dense_changed == [(1, 0), (2, 0), (2, 1)]
-    assert all(float(r.std(0).min()) > 0 for r in recorded.values())
+    assert rec.dense_changed == [(1, 0), (2, 0), (2, 1)]
+    assert all(float(r.std(0).min()) > 0 for r in rec.recorded.values())
     A = result["accuracy_matrix"]
     assert all(A[2][j] == A[j][j] for j in range(3)) and result["metrics"]["BWT"] == 0.0
 
