@@ -56,12 +56,12 @@ class MaskedAccuracy:
     """V(S) = accuracy of head `task` on a fixed evaluation set x [E, ...], y [E], neurons outside S = mu.
 
     impl="naive": one forward pass of the whole network per coalition (the reference).
-    impl="fast": coalitions are stacked along the batch dimension, `chunk` at a time, and computed
-    stage by stage with shared prefixes: stage s's `stage_in` (e.g. an MLP layer's matrix multiply)
-    depends only on the gates of earlier stages, its `stage_out` on those up to s. Consecutive
-    coalitions of an ordering differ by one neuron, so a group of coalitions that agree on those
-    gates is computed once (the first layer's multiply once for all). Same values as naive.
-    `groups_in[s]`, `groups_out[s]` count the coalition groups each half of stage s ran for.
+    impl="fast": `chunk` coalitions at a time, stage by stage, computing each image's activations only
+    where they can differ from the previous coalition's (see `_fast`). Consecutive coalitions of an
+    ordering differ by one neuron, whose removal changes the activations of only some images (for
+    the MLP: those where the neuron's ReLU output differs from relu(mu_i)); the other images reuse
+    the previous coalition's activations. Same values as naive.
+    `groups_in[s]`, `groups_out[s]` count the images each half of stage s ran for, in units of E.
     """
 
     def __init__(self, model: ContinualNet, task: int, x: Tensor, y: Tensor, mu: Tensor,
@@ -72,8 +72,8 @@ class MaskedAccuracy:
         self.impl, self.chunk = impl, chunk
         self.evaluations = 0
         self.mu_layers = model.split_neurons(mu)
-        self.groups_in = [0] * len(model.stage_layers)
-        self.groups_out = [0] * len(model.stage_layers)
+        self.groups_in = [0.0] * len(model.stage_layers)
+        self.groups_out = [0.0] * len(model.stage_layers)
 
     @torch.no_grad()
     def __call__(self, keeps: Tensor) -> Tensor:
@@ -83,41 +83,91 @@ class MaskedAccuracy:
         keeps = keeps.to(self.mu.device)
         if self.impl == "naive":
             return torch.stack([self._naive(keep) for keep in keeps]).cpu()
-        return torch.cat([self._fast(block) for block in torch.split(keeps, self.chunk)]).cpu()
+        z0 = self.model.stage_in(0, self.x)  # depends on no gate: shared by all chunks
+        self.groups_in[0] += 1
+        return torch.cat([self._fast(block, z0) for block in torch.split(keeps, self.chunk)]).cpu()
 
     def _naive(self, keep: Tensor) -> Tensor:
         """One coalition [N], one forward pass."""
         with self.model.gated(keep, self.mu):
             return (self.model(self.x, self.task).argmax(1) == self.y).double().mean()
 
-    def _fast(self, keeps: Tensor) -> Tensor:
-        """K coalitions [K, N] through the staged network, sharing identical prefixes."""
-        model, e = self.model, self.x.shape[0]
-        layer_keeps = model.split_neurons(keeps)
-        changed = torch.zeros(keeps.shape[0], dtype=torch.bool, device=keeps.device)
-        changed[0] = True
-        group = torch.zeros_like(changed, dtype=torch.long)
-        h = self.x
-        for s, layers in enumerate(model.stage_layers):
-            h, group, _ = self._regroup(h, group, changed)
-            h = model.stage_in(s, h)
-            self.groups_in[s] += h.shape[0] // e
-            for l in layers:
-                changed[1:] |= (layer_keeps[l][1:] != layer_keeps[l][:-1]).any(1)
-            h, group, reps = self._regroup(h, group, changed)
-            with model.gated_layers({l: (layer_keeps[l][reps], self.mu_layers[l]) for l in layers}):
-                h = model.stage_out(s, h)
-            self.groups_out[s] += reps.numel()
-        pred = model.heads[self.task](model.pool(h)).argmax(1).view(-1, e)
-        return (pred == self.y).double().mean(1)[group]
+    def _fast(self, keeps: Tensor, z0: Tensor) -> Tensor:
+        """K coalitions [K, N] through the staged network, each image recomputed only where it changes.
 
-    def _regroup(self, h: Tensor, group: Tensor, changed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Activations [G * E, ...] of the old groups -> those of the groups that `changed` starts."""
-        reps = changed.nonzero().squeeze(1)
-        parent = group[reps]
-        if reps.numel() * self.x.shape[0] != h.shape[0]:
-            h = h.view(-1, self.x.shape[0], *h.shape[1:])[parent].flatten(0, 1)
-        return h, changed.long().cumsum(0) - 1, reps
+        z0 [E, ...] = `stage_in(0, x)`.
+
+        Between stages the activations of every (coalition k, image b) are stored once per distinct
+        row: h [M, ...] holds the rows, `rows` [K, E] the row of h for each (k, b) and `image` [M]
+        each row's image. Coalition 0 is computed for every image. For k > 0, stage s's `stage_in`
+        runs once per row of h, and its `stage_out` for image b only where the input row or the
+        gates of the stage differ from coalition k - 1's; where only the gates differ, a result
+        bitwise equal to coalition k - 1's is dropped and (k, b) points to that row instead (not
+        after the last stage, where the head costs less than the comparison).
+        Exact: every operation of a stage in eval mode (matrix multiply, convolution, BatchNorm,
+        gate, ReLU, pooling) computes an image's output from that image's input alone, so equal
+        inputs give bitwise-equal outputs. Each batch also holds coalition 0's E images, as many as
+        the naive pass's: BLAS computes batches of 1 to 3 rows in another summation order.
+        """
+        model, e, stages = self.model, self.x.shape[0], len(self.model.stage_layers)
+        layer_keeps = model.split_neurons(keeps)
+        image = torch.arange(e, device=keeps.device)
+        rows, z = image.expand(keeps.shape[0], e), z0
+        for s, layers in enumerate(model.stage_layers):
+            if s > 0:
+                z = model.stage_in(s, h)
+                self.groups_in[s] += z.shape[0] / e
+            new_input = torch.ones_like(rows, dtype=torch.bool)
+            new_input[1:] = rows[1:] != rows[:-1]
+            new_gates = torch.zeros_like(new_input[:, :1])
+            new_gates[0] = True
+            for l in layers:
+                new_gates[1:] |= (layer_keeps[l][1:] != layer_keeps[l][:-1]).any(1, keepdim=True)
+            fresh = new_input | new_gates
+            coalition, image = fresh.nonzero().unbind(1)
+            with model.gated_layers({l: (layer_keeps[l].index_select(0, coalition), self.mu_layers[l]) for l in layers}):
+                h = model.stage_out(s, z.index_select(0, rows[fresh]))
+            self.groups_out[s] += h.shape[0] / e
+            rows = self._latest(fresh)
+            if s + 1 < stages:
+                h, rows, image = self._drop_unchanged(h, rows, fresh, ~new_input[fresh], coalition, image)
+        pred = model.heads[self.task](model.pool(h)).argmax(1)
+        return (pred == self.y[image])[rows].double().mean(1)
+
+    @staticmethod
+    def _drop_unchanged(h: Tensor, rows: Tensor, fresh: Tensor, same_input: Tensor, coalition: Tensor,
+                        image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Drop the rows of h that are bitwise equal to the previous coalition's.
+
+        h [M', ...] holds the (coalition, image) pairs [M'] where `fresh` [K, E] is set (row-major;
+        coalition 0 entirely) and `rows` [K, E] = `_latest(fresh)`; only the pairs with
+        `same_input` [M'] (input as the previous coalition's, gates not) are compared. Returns h,
+        rows and image without the dropped rows (a dropped pair points to its predecessor's row).
+        """
+        check = same_input.nonzero().squeeze(1)
+        prev = rows[coalition[check] - 1, image[check]]
+        dropped = check[MaskedAccuracy._bitwise_equal_rows(h.index_select(0, check), h.index_select(0, prev))]
+        if dropped.numel() == 0:
+            return h, rows, image
+        kept = torch.ones_like(image, dtype=torch.bool)
+        kept[dropped] = False
+        fresh[fresh.clone()] = kept
+        kept = kept.nonzero().squeeze(1)
+        return h.index_select(0, kept), MaskedAccuracy._latest(fresh), image.index_select(0, kept)
+
+    @staticmethod
+    def _bitwise_equal_rows(a: Tensor, b: Tensor) -> Tensor:
+        """a, b [M, ...] -> [M] bool: whether row m of a has the same bits as row m of b (so 0.0 != -0.0)."""
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        diff = (a.view(bits) ^ b.view(bits)).flatten(1)
+        return (diff.amax(1) == 0) & (diff.amin(1) == 0)
+
+    @staticmethod
+    def _latest(fresh: Tensor) -> Tensor:
+        """fresh [K, E] (row 0 all set) -> [K, E]: for each entry, the rank (among set entries,
+        row-major) of the latest set entry at or above it in its column."""
+        rank = fresh.flatten().cumsum(0).view_as(fresh) - 1
+        return torch.where(fresh, rank, -1).cummax(0).values
 
 
 def exact_shapley(v: ValueFn, n: int) -> Tensor:
