@@ -56,11 +56,11 @@ class MaskedAccuracy:
     """V(S) = accuracy of head `task` on a fixed evaluation set x [E, ...], y [E], neurons outside S = mu.
 
     impl="naive": one forward pass of the whole network per coalition (the reference).
-    impl="fast": `chunk` coalitions at a time, stage by stage, computing each image's activations only
-    where they can differ from the previous coalition's (see `_fast`). Consecutive coalitions of an
-    ordering differ by one neuron, whose removal changes the activations of only some images (for
-    the MLP: those where the neuron's ReLU output differs from relu(mu_i)); the other images reuse
-    the previous coalition's activations. Same values as naive.
+    impl="fast": `chunk` coalitions at a time, stage by stage, recomputing an image's activations
+    only where they can differ from the previous coalition's (see `_fast`). Consecutive coalitions
+    of an ordering differ by one neuron, which changes the activations of only some images (in the
+    MLP, those where its ReLU output differs from relu(mu_i)); the other images reuse the previous
+    coalition's activations. Same values as naive.
     `groups_in[s]`, `groups_out[s]` count the images each half of stage s ran for, in units of E.
     """
 
@@ -93,30 +93,28 @@ class MaskedAccuracy:
             return (self.model(self.x, self.task).argmax(1) == self.y).double().mean()
 
     def _fast(self, keeps: Tensor, z0: Tensor) -> Tensor:
-        """K coalitions [K, N] through the staged network, each image recomputed only where it changes.
+        """K coalitions [K, N] through the staged network (z0 [E, ...] = `stage_in(0, x)`), each
+        image recomputed only where its activations change.
 
-        z0 [E, ...] = `stage_in(0, x)`.
-
-        Between stages the activations of every (coalition k, image b) are stored once per distinct
-        row: h [M, ...] holds the rows, `rows` [K, E] the row of h for each (k, b) and `image` [M]
-        each row's image. Coalition 0 is computed for every image. For k > 0, stage s's `stage_in`
-        runs once per row of h, and its `stage_out` for image b only where the input row or the
-        gates of the stage differ from coalition k - 1's; where only the gates differ, a result
+        After each stage, the activations of every (coalition k, image b) are stored once per
+        distinct row: h [M, ...] holds the rows, `rows` [K, E] the row of h of each (k, b), and
+        `image` [M] each row's image. Stage s's `stage_in` runs once per row of h. Its `stage_out`
+        runs for all of coalition 0 and, for k > 0, for the images whose input row or whose gates
+        of stage s differ from coalition k - 1's; where only the gates differ, an output row
         bitwise equal to coalition k - 1's is dropped and (k, b) points to that row instead (not
         after the last stage, where the head costs less than the comparison).
-        Exact: every operation of a stage in eval mode (matrix multiply, convolution, BatchNorm,
+        Exact: in eval mode every operation of a stage (matrix multiply, convolution, BatchNorm,
         gate, ReLU, pooling) computes an image's output from that image's input alone, so equal
-        inputs give bitwise-equal outputs. Each batch also holds coalition 0's E images, as many as
-        the naive pass's: BLAS computes batches of 1 to 3 rows in another summation order.
+        input rows give bitwise-equal outputs. Every batch holds coalition 0's E images, so BLAS
+        runs no batch smaller than the naive pass's (MKL computes batches of 1 to 3 rows in another
+        summation order: with E < 4 the two paths may differ in the last bits of the logits).
         """
-        model, e, stages = self.model, self.x.shape[0], len(self.model.stage_layers)
+        model, e = self.model, self.x.shape[0]
+        last = len(model.stage_layers) - 1
         layer_keeps = model.split_neurons(keeps)
         image = torch.arange(e, device=keeps.device)
         rows, z = image.expand(keeps.shape[0], e), z0
         for s, layers in enumerate(model.stage_layers):
-            if s > 0:
-                z = model.stage_in(s, h)
-                self.groups_in[s] += z.shape[0] / e
             new_input = torch.ones_like(rows, dtype=torch.bool)
             new_input[1:] = rows[1:] != rows[:-1]
             new_gates = torch.zeros_like(new_input[:, :1])
@@ -125,12 +123,15 @@ class MaskedAccuracy:
                 new_gates[1:] |= (layer_keeps[l][1:] != layer_keeps[l][:-1]).any(1, keepdim=True)
             fresh = new_input | new_gates
             coalition, image = fresh.nonzero().unbind(1)
-            with model.gated_layers({l: (layer_keeps[l].index_select(0, coalition), self.mu_layers[l]) for l in layers}):
+            gates = {l: (layer_keeps[l].index_select(0, coalition), self.mu_layers[l]) for l in layers}
+            with model.gated_layers(gates):
                 h = model.stage_out(s, z.index_select(0, rows[fresh]))
             self.groups_out[s] += h.shape[0] / e
             rows = self._latest(fresh)
-            if s + 1 < stages:
+            if s < last:
                 h, rows, image = self._drop_unchanged(h, rows, fresh, ~new_input[fresh], coalition, image)
+                z = model.stage_in(s + 1, h)
+                self.groups_in[s + 1] += z.shape[0] / e
         pred = model.heads[self.task](model.pool(h)).argmax(1)
         return (pred == self.y[image])[rows].double().mean(1)
 
@@ -139,10 +140,11 @@ class MaskedAccuracy:
                         image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Drop the rows of h that are bitwise equal to the previous coalition's.
 
-        h [M', ...] holds the (coalition, image) pairs [M'] where `fresh` [K, E] is set (row-major;
-        coalition 0 entirely) and `rows` [K, E] = `_latest(fresh)`; only the pairs with
-        `same_input` [M'] (input as the previous coalition's, gates not) are compared. Returns h,
-        rows and image without the dropped rows (a dropped pair points to its predecessor's row).
+        h [M', ...] holds the (coalition, image) pairs [M'] where `fresh` [K, E] is set, in
+        row-major order, and `rows` [K, E] = `_latest(fresh)`. Only the pairs with `same_input`
+        [M'] (input row as the previous coalition's, gates not) are compared: a changed input row
+        practically never gives an unchanged output. Returns h, rows and image [M] without the
+        dropped rows; a dropped pair points to its predecessor's row.
         """
         check = same_input.nonzero().squeeze(1)
         prev = rows[coalition[check] - 1, image[check]]
@@ -151,16 +153,10 @@ class MaskedAccuracy:
             return h, rows, image
         kept = torch.ones_like(image, dtype=torch.bool)
         kept[dropped] = False
-        fresh[fresh.clone()] = kept
+        still_fresh = torch.zeros_like(fresh)
+        still_fresh[fresh] = kept
         kept = kept.nonzero().squeeze(1)
-        return h.index_select(0, kept), MaskedAccuracy._latest(fresh), image.index_select(0, kept)
-
-    @staticmethod
-    def _bitwise_equal_rows(a: Tensor, b: Tensor) -> Tensor:
-        """a, b [M, ...] -> [M] bool: whether row m of a has the same bits as row m of b (so 0.0 != -0.0)."""
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        diff = (a.view(bits) ^ b.view(bits)).flatten(1)
-        return (diff.amax(1) == 0) & (diff.amin(1) == 0)
+        return h.index_select(0, kept), MaskedAccuracy._latest(still_fresh), image.index_select(0, kept)
 
     @staticmethod
     def _latest(fresh: Tensor) -> Tensor:
@@ -168,6 +164,13 @@ class MaskedAccuracy:
         row-major) of the latest set entry at or above it in its column."""
         rank = fresh.flatten().cumsum(0).view_as(fresh) - 1
         return torch.where(fresh, rank, -1).cummax(0).values
+
+    @staticmethod
+    def _bitwise_equal_rows(a: Tensor, b: Tensor) -> Tensor:
+        """a, b [M, ...] -> [M] bool: whether row m of a has the same bits as row m of b (so 0.0 != -0.0)."""
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        diff = (a.view(bits) ^ b.view(bits)).flatten(1)
+        return (diff.amax(1) == 0) & (diff.amin(1) == 0)
 
 
 def exact_shapley(v: ValueFn, n: int) -> Tensor:

@@ -216,6 +216,66 @@ def test_masked_accuracy_fast_equals_naive(arch):
     assert math.isclose(float(res.phi.sum()), float(v(full)[0] - v(empty)[0]), abs_tol=1e-12)
 
 
+class BitsHead(torch.nn.Module):
+    """Wraps a head: scores [B, 2] whose argmax is a hash bit of the exact bits of features and logits.
+
+    With it V(S) changes (by 1/E per image) when an image's features differ in any bit, so fast == naive
+    checks every (coalition, image) row bit for bit, not only the argmax of the logits.
+    """
+
+    def __init__(self, head: torch.nn.Module, seed: int) -> None:
+        super().__init__()
+        self.head, self.seed = head, seed
+
+    def forward(self, f: Tensor) -> Tensor:
+        words = torch.cat([f, self.head(f)], 1).view(torch.int32).long() & 0xFFFFFFFF
+        mult = torch.randint(1, 2 ** 31 - 1, (2, words.shape[1]), generator=torch.Generator().manual_seed(self.seed))
+        digest = ((words & 0xFFFF) * mult[0] + (words >> 16) * mult[1]).sum(1)
+        return torch.nn.functional.one_hot(digest % 1000003 % 2, 2).float()
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet18"])
+def test_masked_accuracy_fast_equals_naive_bit_for_bit(arch):
+    """A briefly trained net, where removing a neuron often changes only some images' activations (so the
+    fast path reuses rows): every (coalition, image)'s features match naive's bit for bit."""
+    torch.manual_seed(0)
+    model = build_model(arch, (1, 8, 8), width=8 if arch == "mlp" else 4)
+    model.add_head(4)
+    x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 4, (40,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(50):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x, 0), y).backward()
+        opt.step()
+    mu = snv_core.mean_activations(model, [(x, y)])
+    n = model.num_neurons
+    gen = torch.Generator().manual_seed(1)
+    prefixes = (torch.arange(n).unsqueeze(0) < torch.arange(n + 1).unsqueeze(1))[:, torch.randperm(n, generator=gen).argsort()]
+    keeps = torch.cat([prefixes[:40], prefixes[::max(1, n // 24)], prefixes.flip(0)[:12],  # add, skip, remove
+                       torch.rand(6, n, generator=gen) > 0.5, prefixes[7:8].repeat(3, 1)])
+    plain, bits_y = model.heads[0], torch.randint(0, 2, (40,), generator=gen)
+    for yy, head in [(y, plain), (bits_y, BitsHead(plain, 0)), (bits_y, BitsHead(plain, 1))]:
+        model.heads[0] = head
+        naive = snv_core.MaskedAccuracy(model, 0, x, yy, mu, "naive")(keeps)
+        for chunk in (1, 5, 32):
+            assert torch.equal(snv_core.MaskedAccuracy(model, 0, x, yy, mu, "fast", chunk=chunk)(keeps), naive)
+    model.heads[0] = plain
+    if arch == "mlp":
+        v = snv_core.MaskedAccuracy(model, 0, x, y, mu, "fast", chunk=n + 1)
+        v(prefixes)
+        layer = torch.repeat_interleave(torch.arange(4), torch.tensor(model.layer_sizes))
+        added = layer[(prefixes[1:] & ~prefixes[:-1]).nonzero()[:, 1]]
+        whole = [1 + int((added < s).sum()) for s in range(1, 4)]  # coalitions differing before stage s
+        assert sum(v.groups_in[1:]) < sum(whole)  # fewer images recomputed than whole coalitions
+
+
+def test_masked_accuracy_fast_equals_only_bitwise_equal_rows():
+    a = torch.tensor([[0.0, 1.0], [2.0, 3.0], [float("nan"), 1.0]])
+    b = torch.tensor([[-0.0, 1.0], [2.0, 3.0], [float("nan"), 1.0]])
+    assert snv_core.MaskedAccuracy._bitwise_equal_rows(a, b).tolist() == [False, True, True]
+
+
 # ----------------------------------------------------------------------------- freezing
 
 OPTIMIZERS = [("adam", 0.0), ("sgd", 5e-3), ("adamw", 1e-2)]
