@@ -78,6 +78,8 @@ class Dist:
 
     def any(self, flag: bool) -> bool:
         """True on every rank if `flag` is True on any rank."""
+        if self.world == 1:
+            return flag
         t = torch.tensor([float(flag)], dtype=torch.float64)
         self.all_reduce(t)
         return bool(t.item() > 0)
