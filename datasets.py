@@ -387,6 +387,8 @@ def _decode_file(path: Path, box: tuple[float, float, float, float] | None, size
 class _Source(Protocol):
     """Something that turns sample indices [B] into a normalised batch [B, C, H, W]."""
 
+    augments: bool  # whether load(..., augment=True) draws random crops/flips
+
     def load(self, idx: Tensor, augment: bool, generator: torch.Generator | None, device: torch.device) -> Tensor:
         """Normalised float32 batch [B, C, H, W] for the pooled sample indices ``idx``."""
 
@@ -399,6 +401,11 @@ class TensorSource:
     std: Sequence[float] | None = None
     pad: int | None = None  # crop padding for augmentation; None = no augmentation
     perm: Tensor | None = None
+
+    @property
+    def augments(self) -> bool:
+        """Whether augmentation is on (a crop padding is set)."""
+        return self.pad is not None
 
     def load(self, idx: Tensor, augment: bool, generator: torch.Generator | None, device: torch.device) -> Tensor:
         """Gather, scale to [0, 1], permute pixels, augment (crop + flip), normalise: float32 [B, C, H, W]."""
@@ -419,6 +426,7 @@ class FolderSource:
     std: Sequence[float]
     size: int = 224
     resize: int = 256
+    augments: bool = True
 
     def load(self, idx: Tensor, augment: bool, generator: torch.Generator | None, device: torch.device) -> Tensor:
         """Decode, crop/resize, flip (train), normalise: float32 [B, 3, size, size]."""
@@ -446,13 +454,18 @@ class Split:
         return len(self.indices)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
-                augment: bool = False, device: torch.device | str = "cpu") -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield (x float32 [B, C, H, W] normalised, y int64 [B] local labels); shuffle/augment use ``generator``."""
+                augment: bool = False, device: torch.device | str = "cpu",
+                positions: bool = False) -> Iterator[tuple[Tensor, ...]]:
+        """Yield (x float32 [B, C, H, W] normalised, y int64 [B] local labels); shuffle/augment use ``generator``.
+
+        With ``positions``, each batch also carries the samples' positions in this split (int64 [B]).
+        """
         device = torch.device(device)
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
         for start in range(0, len(self), batch_size):
             sel = order[start:start + batch_size]
-            yield self.source.load(self.indices[sel], augment, generator, device), self.labels[sel].to(device)
+            batch = self.source.load(self.indices[sel], augment, generator, device), self.labels[sel].to(device)
+            yield (*batch, sel.to(device)) if positions else batch
 
 
 @dataclass

@@ -400,6 +400,44 @@ def test_same_seed_same_numbers(tmp_path):
     assert [s["phi"] for s in runs[0]["shapley"]] == [s["phi"] for s in runs[1]["shapley"]]
 
 
+def test_cil_cached_old_logits_match_the_subnetworks(tmp_path, monkeypatch):
+    """The cached finished-head logits line up with each shuffled batch, and the run matches an uncached one."""
+    args = train.resolve_args(train.build_parser().parse_args(synthetic_args(tmp_path, "--scenario", "class_il")))
+    runs, checked = [], []
+
+    def check(t: int, model, state) -> None:
+        split = train.datasets.get_benchmark("synthetic", args.num_tasks, 0, None).tasks[t].train
+        cache = train.cache_finished_logits(model, split, t + 1, state, args, torch.device("cpu"))
+        if t == 0:
+            return
+        gen = torch.Generator().manual_seed(1)
+        for x, _, pos in split.batches(7, shuffle=True, generator=gen, positions=True):
+            live = torch.cat([train.frozen_logits(model, x, i, state) for i in range(t + 1)], dim=1)
+            assert cache.shape == (len(split), (t + 1) * 2) and torch.allclose(cache[pos], live, atol=1e-6)
+        checked.append(t)
+
+    runs.append(train.run_seed(args, 0, torch.device("cpu"), on_task_end=check))
+    assert checked == [1, 2]
+    monkeypatch.setattr(train, "cache_finished_logits", lambda *a, **k: None)
+    runs.append(train.run_seed(args, 0, torch.device("cpu")))
+    assert runs[0]["accuracy_matrix"] == runs[1]["accuracy_matrix"]
+    assert [s["phi"] for s in runs[0]["shapley"]] == [s["phi"] for s in runs[1]["shapley"]]
+
+
+def test_no_cil_cache_when_augmenting(tmp_path):
+    args = train.resolve_args(train.build_parser().parse_args(synthetic_args(tmp_path, "--scenario", "class_il")))
+    bench = train.datasets.get_benchmark("synthetic", args.num_tasks, 0, None)
+    model = train.build_model("mlp", bench.input_shape, 8)
+    n = model.num_neurons
+    state = train.State(torch.zeros(n, dtype=torch.bool), subnets=[(torch.ones(n, dtype=torch.bool), torch.zeros(n))])
+    for _ in range(2):
+        model.add_head(2)
+    split = bench.tasks[1].train
+    assert train.cache_finished_logits(model, split, 1, state, args, torch.device("cpu")).shape == (len(split), 2)
+    split.source.pad = 1
+    assert train.cache_finished_logits(model, split, 1, state, args, torch.device("cpu")) is None
+
+
 @pytest.mark.parametrize("method", ["sgd", "joint"])
 def test_baseline_bounds_run(tmp_path, method):
     assert train.main(synthetic_args(tmp_path, "--method", method)) == 0

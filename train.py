@@ -134,20 +134,40 @@ def frozen_logits(model: ContinualNet, x: Tensor, task: int, state: State) -> Te
     return out
 
 
+def finished_heads(state: State, trainable: int) -> int:
+    """How many leading heads belong to finished tasks, whose logits are a constant function of x."""
+    return trainable if state.method.per_task else min(trainable, len(state.subnets))
+
+
 def scenario_logits(model: ContinualNet, x: Tensor, task: int, upto: int, scenario: str, state: State,
-                    trainable: int) -> Tensor:
+                    trainable: int, finished: Tensor | None = None) -> Tensor:
     """TIL: [B, C] of head `task`. CIL: [B, (upto+1) C], heads 0..upto concatenated.
 
-    Heads of finished tasks with a subnetwork (index < `trainable`) run through it without gradient.
+    Heads of finished tasks with a subnetwork (index < `trainable`) run through it without gradient, or come
+    from `finished` [B, f C], their logits cached for this batch (see cache_finished_logits).
     """
     if scenario == "task_il":
         return task_logits(model, x, task, state)
     if not state.subnets and not state.method.per_task:
         feats = model.features(x)
         return torch.cat([model.heads[i](feats) for i in range(upto + 1)], dim=1)
-    finished = trainable if state.method.per_task else min(trainable, len(state.subnets))
-    return torch.cat([frozen_logits(model, x, i, state) if i < finished
-                      else task_logits(model, x, i, state) for i in range(upto + 1)], dim=1)
+    f = finished_heads(state, trainable)
+    old = [finished] if finished is not None else [frozen_logits(model, x, i, state) for i in range(f)]
+    return torch.cat([*old, *(task_logits(model, x, i, state) for i in range(f, upto + 1))], dim=1)
+
+
+def cache_finished_logits(model: ContinualNet, split: datasets.Split, trainable: int, state: State,
+                          args: argparse.Namespace, device: torch.device) -> Tensor | None:
+    """CIL: the finished heads' logits [n, f C] on every sample of a training split, computed once per phase.
+
+    None where there is nothing to cache (TIL, no finished subnetwork) or where augmentation makes a sample's
+    input differ between epochs. Without it, CIL training runs every old subnetwork for every batch.
+    """
+    f = finished_heads(state, trainable)
+    if args.scenario == "task_il" or split.source.augments or f == 0:
+        return None
+    return torch.cat([torch.cat([frozen_logits(model, x, i, state) for i in range(f)], dim=1)
+                      for x, _ in split.batches(args.eval_batch_size, device=device)])
 
 
 def targets(y: Tensor, task: int, scenario: str, classes_per_task: int) -> Tensor:
@@ -189,9 +209,10 @@ class TrainForward(nn.Module):
         super().__init__()
         self.model, self.state, self.scenario, self.task = model, state, scenario, task
 
-    def forward(self, x: Tensor, data_task: int) -> Tensor:
-        """Logits of the batch x of task `data_task`."""
-        return scenario_logits(self.model, x, data_task, self.task, self.scenario, self.state, trainable=self.task)
+    def forward(self, x: Tensor, data_task: int, finished: Tensor | None) -> Tensor:
+        """Logits of the batch x of task `data_task`; `finished`: cached logits of the finished heads, or None."""
+        return scenario_logits(self.model, x, data_task, self.task, self.scenario, self.state, trainable=self.task,
+                               finished=finished)
 
 
 def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_tasks: list[int],
@@ -209,11 +230,12 @@ def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_
         net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
                                       find_unused_parameters=True)
     c = bench.classes_per_task
+    cache = {j: cache_finished_logits(model, bench.tasks[j].train, task, state, args, device) for j in data_tasks}
     best, best_state, bad, epoch = float("inf"), None, 0, 0
     for epoch in tqdm(range(1, epochs + 1), desc=desc, disable=not args.progress, leave=False):
         net.train()
         iters = [bench.tasks[j].train.batches(args.batch_size, shuffle=True, generator=gen, augment=True,
-                                              device=device) for j in data_tasks]
+                                              device=device, positions=True) for j in data_tasks]
         while iters:
             for j, it in list(zip(data_tasks, iters)):
                 batch = next(it, None)
@@ -222,8 +244,9 @@ def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_
                     continue
                 if len(batch[1]) < dist.world:
                     continue
-                x, y = (b[dist.rank::dist.world] for b in batch)
-                loss = F.cross_entropy(net(x, j), targets(y, j, args.scenario, c)) + state.method.penalty(model, x, j)
+                x, y, pos = (b[dist.rank::dist.world] for b in batch)
+                finished = cache[j][pos] if cache[j] is not None else None
+                loss = F.cross_entropy(net(x, j, finished), targets(y, j, args.scenario, c)) + state.method.penalty(model, x, j)
                 if dist.any(not bool(torch.isfinite(loss))):
                     raise FloatingPointError(f"non-finite loss ({loss.item()}) in task {task + 1}, epoch {epoch}: "
                                              "lower --lr or check the data")
