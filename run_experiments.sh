@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every experiment of the SNV paper (PAPER.md sections 2 and 4), one train.py results folder each.
 #
-#   bash run_experiments.sh [--dry-run] [--quick] [--only GROUP[,GROUP...]]
+#   bash run_experiments.sh [--dry-run] [--quick | --compare] [--only GROUP[,GROUP...]]
 #
 # Groups (run in this order; bounds first so that the snv runs find their joint reference):
 #   bounds        sgd (lower bound) and joint (upper bound) for every main-table setting
@@ -26,6 +26,10 @@
 #
 # --quick runs a CPU-sized version of every group (2 seeds, 1-2 epochs, ResNet --width 8/16, 5 Shapley
 # orderings on 2 evaluation batches) under <results>/quick/: these are smoke-test numbers, not the protocol.
+# --compare runs only the method comparison of issue 5 at a protocol this 2-core CPU finishes, under
+# <results>/compare/: PMNIST 10 tasks, MLP 784-200x4, Adam lr 1e-3, batch 64 and 5 epochs (the paper: 10
+# and 20), SNV's Shapley settings unchanged, seeds 42 43 44, one hyperparameter point per method; the
+# commands are in run_experiments_compare.txt (same format as the baselines file, SNV and the bounds included).
 # --dry-run prints every command without running anything.
 # Environment: SNV_DATA_DIR (data folder, read by train.py), SNV_RESULTS_DIR, SNV_BASELINES_FILE, PYTHON.
 #
@@ -39,21 +43,28 @@ cd "$(dirname "$0")"
 GROUPS_ALL=(bounds pmnist splitmnist cifar100 tinyimagenet imagenet1k capacity pruning baselines)
 DRY_RUN=0
 QUICK=0
+COMPARE=0
 ONLY=""
 while (($#)); do
     case $1 in
         --dry-run) DRY_RUN=1 ;;
         --quick) QUICK=1 ;;
+        --compare) COMPARE=1 ;;
         --only)
             [[ $# -ge 2 ]] || { echo "error: --only needs a group name" >&2; exit 2; }
             ONLY=$2
             shift ;;
         --only=*) ONLY=${1#--only=} ;;
-        -h | --help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
+((QUICK && COMPARE)) && { echo "error: --quick and --compare are separate campaigns; give one" >&2; exit 2; }
+if ((COMPARE)); then
+    [[ -z $ONLY || $ONLY == baselines ]] || { echo "error: --compare runs the baselines group only" >&2; exit 2; }
+    ONLY=baselines
+fi
 for g in ${ONLY//,/ }; do
     [[ " ${GROUPS_ALL[*]} " == *" $g "* ]] || { echo "error: unknown group $g; groups: ${GROUPS_ALL[*]}" >&2; exit 2; }
 done
@@ -73,6 +84,11 @@ if ((QUICK)); then
         [tinyimagenet]="--width 16 --epochs 2 $SHAPLEY_QUICK"
         [imagenet1k]="--width 16 --epochs 1 $SHAPLEY_QUICK"
     )
+elif ((COMPARE)); then
+    BASE=$RESULTS/compare
+    SEEDS=(42 43 44)
+    PROFILE=([pmnist]="--batch-size 64 --epochs 5")
+    BASELINES_FILE=${SNV_BASELINES_FILE:-run_experiments_compare.txt}
 else
     BASE=$RESULTS
     SEEDS=(42 43 44 45 46 47 48 49 50 51)
@@ -225,7 +241,7 @@ pruning() {  # Fig. 4
 }
 
 baselines() {  # the sgd/joint bounds (unless the bounds group runs too), then run_experiments_baselines.txt
-    selected bounds || bounds
+    ((COMPARE)) || selected bounds || bounds
     if [[ ! -f $BASELINES_FILE ]]; then
         echo "# $BASELINES_FILE not found: baselines = the sgd/joint bounds only"
         return 0
@@ -262,6 +278,7 @@ baseline_line() {  # baseline_line python SCRIPT [SUBCOMMAND] ARGS...: one comma
     if [[ $script == train.py ]]; then
         local joint=-
         [[ $method == snv ]] && joint=$BASE/bounds/${dataset}_joint_$scenario$(task_suffix "$dataset" "$tasks")
+        ((COMPARE)) && [[ $method == snv ]] && joint=$BASE/baselines/${dataset}_${scenario}_joint
         experiment "$name" "$joint" "${args[@]}"
     else
         analysis "$name" "$script" "${sub[@]}" "${args[@]}"
@@ -291,6 +308,9 @@ analysis() {  # analysis GROUP/NAME SCRIPT ARGS...: a per-seed analysis writing 
 if ((QUICK)); then
     echo "# QUICK mode: CPU-sized settings (seeds ${SEEDS[*]}, few epochs, narrow ResNet, 5 Shapley orderings)"
     echo "# results go to $BASE: smoke-test numbers, never the paper's protocol"
+elif ((COMPARE)); then
+    echo "# COMPARE mode: PMNIST method comparison, batch 64, 5 epochs, seeds ${SEEDS[*]}, from $BASELINES_FILE"
+    echo "# results go to $BASE: one protocol for every method, not the paper's (batch 10, 20 epochs)"
 else
     echo "# full protocol: seeds ${SEEDS[*]}, results under $BASE"
 fi
