@@ -120,12 +120,17 @@ def load_experiment(folder: Path, name: str) -> Experiment | None:
     return Experiment(name, sorted(runs, key=lambda r: r["seed"])) if runs else None
 
 
-def find_experiments(root: Path, exclude: str | None = None) -> dict[str, Experiment]:
-    """Every folder below `root` holding seed JSONs, by path relative to `root` (the subtree `exclude` left out)."""
+def excluded(rel: str, exclude: tuple[str, ...]) -> bool:
+    """True if the relative path `rel` lies in one of the subtrees `exclude`."""
+    return any(rel == e or rel.startswith(e + "/") for e in exclude)
+
+
+def find_experiments(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, Experiment]:
+    """Every folder below `root` holding seed JSONs, by path relative to `root` (the subtrees `exclude` left out)."""
     found: dict[str, Experiment] = {}
     for folder in sorted({p.parent for p in root.rglob("seed*.json")}):
         rel = folder.relative_to(root).as_posix()
-        if exclude is not None and (rel == exclude or rel.startswith(exclude + "/")):
+        if excluded(rel, exclude):
             continue
         if (exp := load_experiment(folder, rel)) is not None:
             found[rel] = exp
@@ -381,10 +386,10 @@ def comparison_runs_table(res: Results) -> str:
                       "point by it would be optimistic.")
 
 
-def rank_correlation_table(root: Path, exclude: str | None) -> str:
+def rank_correlation_table(root: Path, exclude: tuple[str, ...]) -> str:
     """Spearman of each cheap neuron score with Monte Carlo Shapley (baselines.py rank-correlation), over seeds."""
     files = sorted(p for p in root.rglob("rank_correlation_seed*.json")
-                   if exclude is None or not p.relative_to(root).as_posix().startswith(exclude + "/"))
+                   if not excluded(p.relative_to(root).as_posix(), exclude))
     title = "### Neuron scores against Monte Carlo Shapley (task 1; ours only)"
     if not files:
         return f"{title}\n\n{NOT_RUN}."
@@ -409,7 +414,7 @@ def all_runs_table(res: Results) -> str:
     return runs_table("Every results folder", exps) if exps else "### Every results folder\n\nNo results yet."
 
 
-def section(root: Path, label: str, exclude: str | None) -> str:
+def section(root: Path, label: str, exclude: tuple[str, ...]) -> str:
     """All tables of one results tree."""
     res = Results(find_experiments(root, exclude) if root.is_dir() else {})
     parts = [imagenet_table(res), ten_task_table(res, "task_il"), ten_task_table(res, "class_il"),
@@ -418,6 +423,71 @@ def section(root: Path, label: str, exclude: str | None) -> str:
              all_runs_table(res)]
     if label:
         parts = [p.replace("### ", f"### {label}: ") for p in parts]
+    if res.warnings:
+        parts.append("### Warnings\n\n" + "\n".join(f"- {w}" for w in sorted(set(res.warnings))))
+    return "\n\n".join(parts)
+
+
+COMPARE_METHODS = (("joint", "Joint (upper bound)"), ("sgd", "SGD (lower bound)"), ("snv", "SNV"),
+                   ("snv+gxd", "SNV + GXD resets"), ("packnet", "PackNet"), ("wsn", "WSN"), ("eidetic", "Eidetic"),
+                   ("ewc", "EWC"), ("si", "SI"), ("lwf", "LwF"))
+IMPORTANCES = ("shapley", "random", "magnitude", "activation", "taylor", "gxd")
+COMPARE_LABEL = "PMNIST method comparison (CPU protocol of `run_experiments.sh --compare`, not the paper's)"
+
+
+def compare_folder(scenario: str, name: str) -> str:
+    """A comparison run's folder: baselines/pmnist_<scenario>_<name> (run_experiments_compare.txt)."""
+    return f"baselines/pmnist_{scenario}_{name}"
+
+
+def protocol_line(exps: Iterable[Experiment | None]) -> str:
+    """The training settings shared by these runs (a warning in the text if they differ)."""
+    keys = ("num_tasks", "arch", "epochs", "batch_size", "lr", "optimizer", "max_permutations",
+            "shapley_eval_batches")
+    exps = [e for e in exps if e is not None]
+    if not exps:
+        return ""
+    found = {k: sorted({str(e.args.get(k)) for e in exps}) for k in keys}
+    return "Protocol read from the results: " + ", ".join(f"{k}={'/'.join(v) or '?'}" for k, v in found.items()) + \
+        ("" if all(len(v) <= 1 for v in found.values()) else " (**the runs differ in a setting**)") + "."
+
+
+def importance_table(res: Results, root: Path) -> str:
+    """Each neuron score: rank agreement with Monte Carlo Shapley and its cost (task 1), final TIL ACC when
+    it drives SNV's freeze pipeline."""
+    files = sorted(root.rglob("rank_correlation_seed*.json"))
+    runs = [json.loads(p.read_text()) for p in files]
+    exps = {kind: res.get(compare_folder("task_il", "snv" if kind == "shapley" else f"snv-{kind}"),
+                          method="snv", importance=kind) for kind in IMPORTANCES}
+    n, _ = provenance(exps.values())
+    body = []
+    for kind, exp in exps.items():
+        cells = []
+        for key in ("spearman_shapley", "spearman_removal", "topk_overlap", "seconds"):
+            values = [float(r["scores"][kind][key]) for r in runs
+                      if r["scores"].get(kind, {}).get(key) is not None]
+            reference = kind == "shapley" and key in ("spearman_shapley", "topk_overlap")
+            cells.append("1 (reference)" if reference else
+                         "{:.3f} ± {:.3f}".format(*stats(values)) if values else NOT_RUN if not runs else NONE)
+        body.append([kind] + cells + [Cell(exp).ours(n)])
+    header = ["score", "Spearman with Shapley", "Spearman with removal effect", "top-k overlap",
+              "seconds to score task 1", "final ACC, TIL (%)"]
+    prov = f"Rank columns: `baselines.py rank-correlation`, n seeds: {len(runs)}. Final ACC: n seeds {n}. Shapley there is 200 Monte " \
+           "Carlo orderings without the bandit; final ACC is SNV's pipeline with `--importance <score>`."
+    return "\n\n".join(["### Neuron scores: agreement with Shapley, cost, and final accuracy", markdown(header, body),
+                         prov])
+
+
+def compare_section(root: Path) -> str:
+    """The comparison of every method in one harness, TIL and CIL, and the importance table."""
+    res = Results(find_experiments(root))
+    parts = []
+    for scenario in SCENARIOS:
+        exps = [(label, res.get(compare_folder(scenario, name), scenario=scenario)) for name, label in COMPARE_METHODS
+                if not (name == "wsn" and scenario == "class_il")]
+        parts.append(runs_table(f"PMNIST, 10 tasks, {SHORT[scenario]}: every method (ours only)", exps,
+                                protocol_line(e for _, e in exps)))
+    parts.append(importance_table(res, root))
     if res.warnings:
         parts.append("### Warnings\n\n" + "\n".join(f"- {w}" for w in sorted(set(res.warnings))))
     return "\n\n".join(parts)
@@ -434,12 +504,15 @@ def report(results: Path) -> str:
             "mean ± std (population) over seeds; accuracies, BWT, FWT, AF and intransigence in %, PS and CAP as "
             "fractions; *gap* = ours mean - paper. \"not run\" = no results on this machine, \"n/a\" = the metric "
             "is undefined for these runs (e.g. intransigence without a joint run), \"—\" = no number to compare."]
-    body = ["## Full protocol (seeds 42..51)", section(results, "", "quick")]
+    body = ["## Full protocol (seeds 42..51)", section(results, "", ("quick", "compare"))]
     quick = results / "quick"
     if quick.is_dir():
         body += [f"## {QUICK_LABEL}", f"CPU-sized settings from `run_experiments.sh --quick` (`{quick}/`): "
                  "few epochs and seeds, narrow ResNet, few Shapley orderings. Never compare these to the paper.",
-                 section(quick, "QUICK", None)]
+                 section(quick, "QUICK", ())]
+    compare = results / "compare"
+    if compare.is_dir():
+        body += [f"## {COMPARE_LABEL}", compare_section(compare)]
     return "\n".join(head) + "\n\n" + "\n\n".join(body) + "\n"
 
 
@@ -491,7 +564,7 @@ def pruning_figure(res: Results, path: Path) -> bool:
 def figures(results: Path, out: Path) -> list[Path]:
     """Every figure of the full tree into `out`, of results/quick into `out`/quick; returns the paths written."""
     written: list[Path] = []
-    for root, dest, exclude in ((results, out, "quick"), (results / "quick", out / "quick", None)):
+    for root, dest, exclude in ((results, out, ("quick", "compare")), (results / "quick", out / "quick", ())):
         if not root.is_dir():
             continue
         res = Results(find_experiments(root, exclude))

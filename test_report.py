@@ -106,6 +106,25 @@ def test_report_comparison_runs(tmp_path: Path) -> None:
     assert ours[3] == "55.00 ± 0.00" and paper[3] == "59.65" and gap[3] == "-4.65"  # WSN found by its settings
 
 
+def test_report_compare_section(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    runs = {"task_il_snv": ("snv", "task_il", "shapley", 0.9), "task_il_snv-random": ("snv", "task_il", "random", 0.8),
+            "class_il_ewc": ("ewc", "class_il", "shapley", 0.3)}
+    for name, (method, scenario, importance, acc) in runs.items():
+        seeds = [fake_run(s, acc + (s - 42) / 100, dataset="pmnist", scenario=scenario, method=method) for s in (42, 43)]
+        for r in seeds:
+            r["args"].update(importance=importance, batch_size=64, epochs=5)
+        write_runs(root / f"compare/baselines/pmnist_{name}", seeds)
+    text = report.report(root)
+    full, compare = text.split(f"## {report.COMPARE_LABEL}")
+    assert "| reference: PMNIST TIL SNV | not run |" in full and "pmnist_task_il_snv" not in full
+    til, cil, importance = compare.split("\n### ")[1:4]
+    assert "| SNV | 90.50 ± 0.50 |" in til and "| EWC | not run |" in til and "batch_size=64" in til
+    assert "| EWC | 30.50 ± 0.50 |" in cil and "| SNV | not run |" in cil and "WSN" not in cil
+    assert importance.count("| random | not run | not run | not run | not run | 80.50 ± 0.50 |") == 1
+    assert "| shapley | 1 (reference) | not run | 1 (reference) | not run | 90.50 ± 0.50 |" in importance
+
+
 def test_report_cli_and_figures(tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "RESULTS.md"
     assert report.main(["--results", str(tree), "--out", str(out)]) == 0
@@ -236,6 +255,28 @@ def test_dry_run_baselines_file(tmp_path: Path) -> None:
     assert [x.split("--seeds ")[1] for x in snv] == [
         "42", f"43 --joint-results {res}/bounds/pmnist_joint_class_il/seed43.json", "42 43 --resume"]
     assert any("bounds/pmnist_joint_task_il" in x for x in lines)  # the bounds come with the baselines group
+
+
+def test_compare_dry_run(tmp_path: Path) -> None:
+    text = dry_run(tmp_path, "--compare")
+    cmds = [c for c in text.splitlines() if c.startswith("python ")]
+    res = tmp_path / "res" / "compare" / "baselines"
+    assert "COMPARE mode" in text and "## group bounds" not in text
+    listed = [x for x in (HERE / "run_experiments_compare.txt").read_text().splitlines() if x.startswith("python ")]
+    folders = {x.split("--out-dir results/")[1] for x in listed}
+    assert {c.split("--out-dir ")[1].split()[0] for c in cmds} == {f"{res}/{f}" for f in folders}
+    for method in ("snv", "sgd", "joint", "ewc", "si", "lwf", "packnet", "wsn", "eidetic"):
+        for scenario in ("task_il",) + (("class_il",) if method != "wsn" else ()):
+            assert f"pmnist_{scenario}_{method}" in folders, (method, scenario)
+    assert all("--batch-size 64 --epochs 5" in c and "--dataset pmnist" in c for c in cmds)
+    assert all(c.split("--seeds ")[1].split(" --")[0] in ("42", "43", "44", "42 43 44") for c in cmds)
+
+
+@pytest.mark.parametrize("flags", [["--compare", "--quick"], ["--compare", "--only", "pmnist"]])
+def test_compare_refuses_other_campaigns(flags: list[str]) -> None:
+    proc = subprocess.run(["bash", "run_experiments.sh", "--dry-run", *flags], cwd=HERE,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "error:" in proc.stderr
 
 
 def test_bad_group_is_refused() -> None:
