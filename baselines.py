@@ -73,7 +73,8 @@ def importance(kind: str, model: ContinualNet, task: int, x: Tensor, y: Tensor, 
                seed: int = 0, norm: int = 1) -> Tensor:
     """A cheap per-neuron score [N] float64 (higher = more important) of head `task` on (x, y).
 
-    random: U(0, 1) from `seed`; magnitude: ||incoming weight row||_norm; activation: mean |a|;
+    random: U(0, 1) from `seed`; magnitude: ||incoming weight row||_norm; activation: mean max(a, 0), the
+    neuron's ReLU output (a is the gate output, before the ReLU: a neuron that never fires scores 0);
     taylor: mean over samples of |mean over positions of a * dL/da| (Molchanov et al. 2017);
     gxd: mean over samples of |sum over positions of (a - mu) * dL/da|, the first-order loss change of
     replacing the neuron by its mean mu [N] (SNV's removal).
@@ -93,7 +94,7 @@ def importance(kind: str, model: ContinualNet, task: int, x: Tensor, y: Tensor, 
     for a, g, ref in zip(acts, grads, refs):
         a, g = a.flatten(2) if a.dim() > 2 else a.unsqueeze(2), g.flatten(2) if g.dim() > 2 else g.unsqueeze(2)
         if kind == "activation":
-            scores.append(a.abs().mean(dim=(0, 2)))
+            scores.append(a.clamp(min=0).mean(dim=(0, 2)))
         elif kind == "taylor":
             scores.append((a * g).mean(2).abs().mean(0))
         else:

@@ -50,7 +50,7 @@ def test_importances_match_a_manual_mlp_computation():
         h = F.relu(a)
     F.cross_entropy(model.heads[0](h), y, reduction="sum").backward()
     a, g = torch.cat([t.detach() for t in acts], 1), torch.cat([t.grad for t in acts], 1)
-    expected = {"activation": a.abs().mean(0), "taylor": (a * g).abs().mean(0), "gxd": ((a - mu) * g).abs().mean(0),
+    expected = {"activation": F.relu(a).mean(0), "taylor": (a * g).abs().mean(0), "gxd": ((a - mu) * g).abs().mean(0),
                 "magnitude": torch.cat([lin.weight.abs().sum(1) for lin in model.linears])}
     for kind, want in expected.items():
         got = baselines.importance(kind, model, 0, x, y, mu)
@@ -58,6 +58,9 @@ def test_importances_match_a_manual_mlp_computation():
         assert torch.allclose(got, want.double(), rtol=1e-5, atol=1e-7), kind
     l2 = baselines.importance("magnitude", model, 0, x, y, norm=2)
     assert torch.allclose(l2, torch.cat([lin.weight.norm(dim=1) for lin in model.linears]).double())
+    with torch.no_grad():  # a neuron that never fires: large |a|, but no output
+        model.linears[0].bias[0] = -1e3
+    assert baselines.importance("activation", model, 0, x, y)[0] == 0
     rand = baselines.importance("random", model, 0, x, y, seed=3)
     assert torch.equal(rand, baselines.importance("random", model, 0, x, y, seed=3))
     assert not torch.equal(rand, baselines.importance("random", model, 0, x, y, seed=4))
