@@ -759,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python baselines.py rank-correlation [train.py options]`: <out-dir>/rank_correlation_seed<s>.json per seed."""
     import train
 
+    train.git_commit()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] != "rank-correlation":
         print("usage: python baselines.py rank-correlation [train.py options]", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -568,7 +569,10 @@ def machine() -> dict:
             "torch": torch.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
+@functools.cache
 def git_commit() -> str:
+    """The commit (with -dirty) of the checkout this process runs from, read once: main() reads it at start-up,
+    so a checkout that changes while a run goes on does not relabel the run's results."""
     try:
         here = Path(__file__).resolve().parent
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
@@ -781,6 +785,7 @@ def finish_seed(out: Path, result: dict, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    git_commit()
     snv_core.reuse_freed_memory()
     dist = SINGLE_PROCESS
     try:
