@@ -206,7 +206,7 @@ class Cell:
             return UNDEFINED
         mean, std = stats(values)
         text = f"{number(self.key, scaled(self.key, mean))} ± {number(self.key, scaled(self.key, std))}"
-        return text + (f" (n={self.exp.n})" if self.exp.n != n_table else "")
+        return text + (f" (n={len(values)})" if len(values) != n_table else "")
 
     def paper_text(self) -> str:
         return NONE if self.paper is None else number(self.key, self.paper)
