@@ -386,6 +386,16 @@ def comparison_runs_table(res: Results) -> str:
                       "point by it would be optimistic.")
 
 
+SCORE_KEYS = ("spearman_shapley", "spearman_removal", "topk_overlap", "seconds")
+"""What `baselines.py rank-correlation` records per score."""
+
+
+def score_cell(runs: list[dict], kind: str, key: str) -> str:
+    """Mean ± std over rank-correlation files of score `kind`'s `key` ("—" where none records it)."""
+    values = [float(r["scores"][kind][key]) for r in runs if r["scores"].get(kind, {}).get(key) is not None]
+    return "{:.3f} ± {:.3f}".format(*stats(values)) if values else NONE
+
+
 def rank_correlation_table(root: Path, exclude: tuple[str, ...]) -> str:
     """Spearman of each cheap neuron score with Monte Carlo Shapley (baselines.py rank-correlation), over seeds."""
     files = sorted(p for p in root.rglob("rank_correlation_seed*.json")
@@ -394,13 +404,7 @@ def rank_correlation_table(root: Path, exclude: tuple[str, ...]) -> str:
     if not files:
         return f"{title}\n\n{NOT_RUN}."
     runs = [json.loads(p.read_text()) for p in files]
-    body = []
-    for kind in runs[0]["scores"]:
-        cells = []
-        for key in ("spearman_shapley", "spearman_removal", "topk_overlap", "seconds"):
-            values = [float(r["scores"][kind][key]) for r in runs if r["scores"][kind].get(key) is not None]
-            cells.append(NONE if not values else "{:.3f} ± {:.3f}".format(*stats(values)))
-        body.append([kind] + cells)
+    body = [[kind] + [score_cell(runs, kind, key) for key in SCORE_KEYS] for kind in runs[0]["scores"]]
     header = ["score", "Spearman with Shapley", "Spearman with removal effect", "top-k overlap", "seconds"]
     prov = f"n seeds: {len(runs)}; device: {', '.join(sorted({r['device'] for r in runs}))}; dataset: " \
            f"{', '.join(sorted({r['args']['dataset'] for r in runs}))}."
@@ -462,13 +466,8 @@ def importance_table(res: Results, root: Path) -> str:
     n, _ = provenance(exps.values())
     body = []
     for kind, exp in exps.items():
-        cells = []
-        for key in ("spearman_shapley", "spearman_removal", "topk_overlap", "seconds"):
-            values = [float(r["scores"][kind][key]) for r in runs
-                      if r["scores"].get(kind, {}).get(key) is not None]
-            reference = kind == "shapley" and key in ("spearman_shapley", "topk_overlap")
-            cells.append("1 (reference)" if reference else
-                         "{:.3f} ± {:.3f}".format(*stats(values)) if values else NOT_RUN if not runs else NONE)
+        cells = ["1 (reference)" if kind == "shapley" and key in ("spearman_shapley", "topk_overlap")
+                 else score_cell(runs, kind, key) if runs else NOT_RUN for key in SCORE_KEYS]
         body.append([kind] + cells + [Cell(exp).ours(n)])
     header = ["score", "Spearman with Shapley", "Spearman with removal effect", "top-k overlap",
               "seconds to score task 1", "final ACC, TIL (%)"]

@@ -277,8 +277,10 @@ baseline_line() {  # baseline_line python SCRIPT [SUBCOMMAND] ARGS...: one comma
     ((QUICK)) || ((${#seeds[@]} == 0)) || local -a SEEDS=("${seeds[@]}")
     if [[ $script == train.py ]]; then
         local joint=-
-        [[ $method == snv ]] && joint=$BASE/bounds/${dataset}_joint_$scenario$(task_suffix "$dataset" "$tasks")
-        ((COMPARE)) && [[ $method == snv ]] && joint=$BASE/baselines/${dataset}_${scenario}_joint
+        if [[ $method == snv ]]; then  # the comparison keeps its own joint runs beside the others
+            joint=$BASE/bounds/${dataset}_joint_$scenario$(task_suffix "$dataset" "$tasks")
+            ((COMPARE)) && joint=$BASE/baselines/${dataset}_${scenario}_joint
+        fi
         experiment "$name" "$joint" "${args[@]}"
     else
         analysis "$name" "$script" "${sub[@]}" "${args[@]}"
