@@ -277,6 +277,18 @@ def test_ablation_and_reset_from_the_cli(tmp_path):
     assert args.importance == "taylor"
 
 
+def test_lwf_without_distillation_is_sgd(tmp_path):
+    """LwF with alpha = 0 trains exactly like sgd: the LwF row differs from the sgd row only by distillation."""
+    matrices = {}
+    for name, flags in (("sgd", ["--method", "sgd"]), ("lwf0", ["--method", "lwf", "--lwf-alpha", "0"]),
+                        ("lwf1", ["--method", "lwf", "--lwf-alpha", "1"])):
+        out = tmp_path / name
+        assert train.main(run_args(tmp_path, *flags, "--num-tasks", "3", "--out-dir", str(out))) == 0
+        matrices[name] = json.loads((out / "seed0.json").read_text())["accuracy_matrix"]
+    assert matrices["lwf0"] == matrices["sgd"]
+    assert matrices["lwf1"] != matrices["sgd"]  # not vacuous: distillation does change training
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--method", "wsn", "--scenario", "class_il"], "task-incremental only"),
     (["--method", "ewc", "--importance", "taylor"], "--importance applies"),
