@@ -224,13 +224,22 @@ def cut_resistance(model: ContinualNet, members: Tensor, head: int) -> int:
 
 
 def top_fraction(values: Tensor, fraction: float, among: Tensor | None = None) -> Tensor:
-    """Bool mask (values' shape) of the round(fraction * m) largest of the m entries where `among` (ties to the lower index)."""
+    """Bool mask (values' shape) of the round(fraction * m) largest of the m entries where `among` (ties to the lower index).
+
+    A partial selection (top-k values, then the threshold's ties by index), not a full sort: WSN calls it for
+    every layer on every step, where a stable sort of fc1's 156,800 scores took 10x longer.
+    """
     flat = values.detach().flatten()
     pool = torch.ones_like(flat, dtype=torch.bool) if among is None else among.flatten()
     k = round(fraction * int(pool.sum()))
-    order = torch.sort(flat.masked_fill(~pool, -math.inf), descending=True, stable=True).indices[:k]
     mask = torch.zeros_like(pool)
-    mask[order] = True
+    if k == 0:
+        return mask.view(values.shape)
+    scores = flat.masked_fill(~pool, -math.inf)
+    threshold = torch.topk(scores, k, sorted=False).values.min()
+    mask = pool & (scores > threshold)
+    ties = (pool & (scores == threshold)).nonzero().squeeze(1)
+    mask[ties[:k - int(mask.sum())]] = True
     return mask.view(values.shape)
 
 

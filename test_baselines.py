@@ -153,6 +153,17 @@ def test_top_fraction_counts_and_ties():
     assert baselines.top_fraction(values, 0.5).tolist() == [[False, True, True], [False, True, False]]
     among = torch.tensor([[True, False, False], [True, True, True]])
     assert baselines.top_fraction(values, 0.5, among).tolist() == [[False, False, False], [False, True, True]]
+    assert not baselines.top_fraction(values, 0.05).any()
+    g = torch.Generator().manual_seed(0)
+    for fraction in (0.1, 0.37, 0.5, 1.0):  # many ties: agrees with a stable descending sort
+        values = torch.randint(0, 7, (40, 30), generator=g).float()
+        among = torch.rand(40, 30, generator=g) < 0.6
+        k = round(fraction * int(among.sum()))
+        order = torch.sort(values.flatten().masked_fill(~among.flatten(), -math.inf), descending=True, stable=True).indices
+        expected = torch.zeros(values.numel(), dtype=torch.bool)
+        expected[order[:k]] = True
+        got = baselines.top_fraction(values, fraction, among)
+        assert torch.equal(got.flatten(), expected) and int(got.sum()) == k
 
 
 def test_distillation_is_soft_cross_entropy():
