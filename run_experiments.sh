@@ -157,7 +157,8 @@ experiment() {  # experiment GROUP/NAME JOINT_DIR|- TRAIN_ARGS...: one results f
     fi
     if ((!resumable)); then
         local extra=()
-        compgen -G "$dir/seed*.json" >/dev/null && extra=(--overwrite)
+        # not resumable: results or a checkpoint of an interrupted call are started over
+        compgen -G "$dir/seed*.json" >/dev/null || compgen -G "$dir/checkpoint_seed*.pt" >/dev/null && extra=(--overwrite)
         execute "$dir" "${cmd[@]}" --seeds "${SEEDS[@]}" "${extra[@]}" || { FAILED+=("$name"); return 0; }
         return 0
     fi

@@ -244,6 +244,8 @@ def test_dry_run_baselines_file(tmp_path: Path) -> None:
     res = tmp_path / "res"
     (res / "bounds/pmnist_joint_class_il").mkdir(parents=True)
     (res / "bounds/pmnist_joint_class_il/seed43.json").write_text("{}")
+    (res / "baselines/pmnist_task_il_ewc-lambda100_T10").mkdir(parents=True)
+    (res / "baselines/pmnist_task_il_ewc-lambda100_T10/checkpoint_seed42.pt").write_text("")  # interrupted
     env = {**os.environ, "SNV_RESULTS_DIR": str(res), "SNV_BASELINES_FILE": str(listing)}
     proc = subprocess.run(["bash", "run_experiments.sh", "--dry-run", "--only", "baselines"], cwd=HERE, env=env,
                           capture_output=True, text=True, timeout=60)
@@ -251,7 +253,7 @@ def test_dry_run_baselines_file(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     assert f"python baselines.py rank-correlation --dataset pmnist --out-dir {res}/baselines/rc --seeds 42 43" in lines
     assert (f"python train.py --dataset pmnist --scenario task_il --method ewc --ewc-lambda 100 --out-dir "
-            f"{res}/baselines/pmnist_task_il_ewc-lambda100_T10 --seeds 42 43 44") in lines  # no --resume: one call
+            f"{res}/baselines/pmnist_task_il_ewc-lambda100_T10 --seeds 42 43 44 --overwrite") in lines  # no --resume
     snv = [x for x in commands(proc.stdout) if "snv-random" in x]
     assert [x.split("--seeds ")[1] for x in snv] == [
         "42", f"43 --joint-results {res}/bounds/pmnist_joint_class_il/seed43.json", "42 43 --resume"]
