@@ -232,9 +232,8 @@ def top_fraction(values: Tensor, fraction: float, among: Tensor | None = None) -
     flat = values.detach().flatten()
     pool = torch.ones_like(flat, dtype=torch.bool) if among is None else among.flatten()
     k = round(fraction * int(pool.sum()))
-    mask = torch.zeros_like(pool)
     if k == 0:
-        return mask.view(values.shape)
+        return torch.zeros_like(values, dtype=torch.bool)
     scores = flat.masked_fill(~pool, -math.inf)
     threshold = torch.topk(scores, k, sorted=False).values.min()
     mask = pool & (scores > threshold)
