@@ -695,11 +695,14 @@ def resolve_args(args: argparse.Namespace) -> list[tuple[bool, str]]:
         (args.lwf_alpha >= 0, f"--lwf-alpha must be >= 0, got {args.lwf_alpha}"),
         (args.lwf_temperature > 0, f"--lwf-temperature must be > 0, got {args.lwf_temperature}"),
         (0 < args.packnet_prune < 1, f"--packnet-prune must be in (0, 1), got {args.packnet_prune}"),
-        (not args.resume or (args.method not in BASELINES and args.reset == "none"),
-         "--resume does not restore a baseline's or a reset's state yet: rerun the seed with --overwrite"),
-        (args.world_size == 1 or (args.method not in BASELINES and args.reset == "none"),
+        (args.world_size == 1 or resumable(args),
          "the baselines and --reset run in a single process only: run without torchrun"),
     ]
+
+
+def resumable(args: argparse.Namespace) -> bool:
+    """Whether a checkpoint holds the whole state of the run: not for a baseline or --reset, which keep their own."""
+    return args.method not in BASELINES and args.reset == "none"
 
 
 def run_name(args: argparse.Namespace) -> str:

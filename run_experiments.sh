@@ -18,7 +18,8 @@
 # Each experiment writes to <results>/<group>/<name> (<results> = $SNV_RESULTS_DIR, default results).
 # Main runs use c = 1/T (train.py's default) and seeds 42..51. Seeds run one train.py call each, then one
 # --resume call over all seeds writes summary.json; an experiment whose summary.json covers all seeds is
-# skipped, a seed whose JSON exists is kept and a seed with a checkpoint continues (--resume), so running the
+# skipped, a seed whose JSON exists is kept and a seed with a checkpoint continues (--resume; a baseline's or
+# a --reset run's seed starts over, --overwrite, as its checkpoint cannot be continued), so running the
 # script again resumes an interrupted campaign. An snv seed gets --joint-results when the joint run of the
 # same setting and seed exists. A failing experiment is reported and the others still run; the exit status
 # is 1 if any failed. Never start it while another train.py still writes into one of its folders (e.g. a
@@ -55,7 +56,7 @@ while (($#)); do
             ONLY=$2
             shift ;;
         --only=*) ONLY=${1#--only=} ;;
-        -h | --help) sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -155,18 +156,12 @@ experiment() {  # experiment GROUP/NAME JOINT_DIR|- TRAIN_ARGS...: one results f
         echo "# skipped: $dir/summary.json covers seeds ${SEEDS[*]}"
         return 0
     fi
-    if ((!resumable)); then
-        local extra=()
-        # not resumable: results or a checkpoint of an interrupted call are started over
-        compgen -G "$dir/seed*.json" >/dev/null || compgen -G "$dir/checkpoint_seed*.pt" >/dev/null && extra=(--overwrite)
-        execute "$dir" "${cmd[@]}" --seeds "${SEEDS[@]}" "${extra[@]}" || { FAILED+=("$name"); return 0; }
-        return 0
-    fi
     local s
     for s in "${SEEDS[@]}"; do
         [[ -f $dir/seed$s.json ]] && continue
         local extra=()
-        [[ -f $dir/checkpoint_seed$s.pt ]] && extra+=(--resume)
+        # a baseline's or a reset's checkpoint cannot be continued: that seed starts over
+        [[ -f $dir/checkpoint_seed$s.pt ]] && { ((resumable)) && extra+=(--resume) || extra+=(--overwrite); }
         [[ $method == snv && $joint != - && -f $joint/seed$s.json ]] && extra+=(--joint-results "$joint/seed$s.json")
         execute "$dir" "${cmd[@]}" --seeds "$s" "${extra[@]}" || { FAILED+=("$name"); return 0; }
     done

@@ -252,8 +252,10 @@ def test_dry_run_baselines_file(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert f"python baselines.py rank-correlation --dataset pmnist --out-dir {res}/baselines/rc --seeds 42 43" in lines
-    assert (f"python train.py --dataset pmnist --scenario task_il --method ewc --ewc-lambda 100 --out-dir "
-            f"{res}/baselines/pmnist_task_il_ewc-lambda100_T10 --seeds 42 43 44 --overwrite") in lines  # no --resume
+    ewc = [x for x in commands(proc.stdout) if "ewc-lambda100" in x]
+    assert ewc[0] == (f"python train.py --dataset pmnist --scenario task_il --method ewc --ewc-lambda 100 --out-dir "
+                      f"{res}/baselines/pmnist_task_il_ewc-lambda100_T10 --seeds 42 --overwrite")  # not continued
+    assert [x.split("--seeds ")[1] for x in ewc[1:]] == ["43", "44", "42 43 44 --resume"]
     snv = [x for x in commands(proc.stdout) if "snv-random" in x]
     assert [x.split("--seeds ")[1] for x in snv] == [
         "42", f"43 --joint-results {res}/bounds/pmnist_joint_class_il/seed43.json", "42 43 --resume"]

@@ -151,6 +151,23 @@ def test_overwrite_starts_a_checkpointed_seed_over(tmp_path, one_task_checkpoint
     assert sorted(p.name for p in files_under(out)) == ["seed0.json", "summary.json"]
 
 
+def test_baseline_resume_keeps_finished_seeds_and_refuses_its_checkpoint(tmp_path, capsys):
+    out = tmp_path / "out"
+    ewc = ("--method", "ewc", "--num-tasks", "2", "--epochs", "1")
+    assert train.main(cli(out, *ewc)) == 0
+    finished = (out / "seed0.json").read_bytes()
+    checkpoint = out / "checkpoint_seed1.pt"  # seed 1 interrupted: EWC's Fisher terms are not in it
+    checkpoint.write_bytes(b"interrupted")
+    (out / "summary.json").unlink()
+    assert train.main(cli(out, *ewc, "--seeds", "0", "1", "--resume")) == 2
+    one_line_error(capsys.readouterr().err, str(checkpoint), "cannot continue", "--seeds 1 --overwrite")
+    assert files_under(out) == [checkpoint, out / "seed0.json"]
+    checkpoint.unlink()
+    assert train.main(cli(out, *ewc, "--seeds", "0", "1", "--resume")) == 0
+    assert (out / "seed0.json").read_bytes() == finished
+    assert json.loads((out / "summary.json").read_text())["runs"] == [0, 1]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_unwritable_out_dir(tmp_path, capsys):

@@ -664,7 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the seeds over: replace their existing results JSON and checkpoint")
     add("--resume", action="store_true",
         help="continue each seed from <out-dir>/checkpoint_seed<seed>.pt, which is saved after every task and "
-             "deleted once the seed's results JSON is written; seeds whose results JSON exists are kept")
+             "deleted once the seed's results JSON is written; seeds whose results JSON exists are kept (the "
+             "baselines and --reset keep their finished seeds only: their checkpoints cannot be continued)")
     add("--no-figures", action="store_true")
     add("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(), help="tqdm bars")
     baselines.add_arguments(add)
@@ -743,6 +744,10 @@ def check_previous(out: Path, seed: int, args: argparse.Namespace) -> None:
         if diff := config_diff(result_config(saved), result_config(vars(args))):
             raise UsageError(f"{result}: results of a run with other settings ({diff}); pass --overwrite to redo "
                              "the seed, or choose another --out-dir")
+    elif checkpoint.exists() and args.resume and not baselines.resumable(args):
+        raise UsageError(f"{checkpoint}: --method {args.method} --reset {args.reset} keeps state between tasks that "
+                         f"the checkpoint does not hold, so the seed cannot continue: start it over with --seeds {seed} "
+                         "--overwrite")
     elif checkpoint.exists() and args.resume:
         load_checkpoint(checkpoint, args, seed)
     elif checkpoint.exists():
