@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 import metrics
 import utils
 
@@ -477,15 +479,33 @@ def importance_table(res: Results, root: Path) -> str:
                          prov])
 
 
+def with_intransigence(exp: Experiment | None, joint: Experiment | None) -> Experiment | None:
+    """`exp` with Intransigence computed against `joint`'s run of the same seed wherever its seed JSON has none
+    (the runs made without --joint-results); the joint run itself and seeds joint lacks stay as they are."""
+    if exp is None or joint is None or exp is joint:
+        return exp
+    diag = {r["seed"]: np.diag(np.asarray(r["accuracy_matrix"], dtype=float)) for r in joint.runs}  # None -> nan
+    runs = []
+    for run in exp.runs:
+        A = np.asarray(run["accuracy_matrix"], dtype=float)
+        if run["metrics"].get("Intransigence") is None and diag.get(run["seed"], np.empty(0)).shape == A.shape[:1]:
+            run = {**run, "metrics": {**run["metrics"], "Intransigence": metrics.intransigence(A, diag[run["seed"]])}}
+        runs.append(run)
+    return Experiment(exp.folder, runs)
+
+
 def compare_section(root: Path) -> str:
     """The comparison of every method in one harness, TIL and CIL, and the importance table."""
     res = Results(find_experiments(root))
     parts = []
     for scenario in SCENARIOS:
-        exps = [(label, res.get(compare_folder(scenario, name), scenario=scenario)) for name, label in COMPARE_METHODS
-                if not (name == "wsn" and scenario == "class_il")]
-        parts.append(runs_table(f"PMNIST, 10 tasks, {SHORT[scenario]}: every method (ours only)", exps,
-                                protocol_line(e for _, e in exps)))
+        found = [(name, label, res.get(compare_folder(scenario, name), scenario=scenario))
+                 for name, label in COMPARE_METHODS if not (name == "wsn" and scenario == "class_il")]
+        joint = next(e for name, _, e in found if name == "joint")
+        exps = [(label, with_intransigence(e, joint)) for _, label, e in found]
+        note = protocol_line(e for _, e in exps)
+        note += " Intransigence: against the joint run of the same seed." if note else ""
+        parts.append(runs_table(f"PMNIST, 10 tasks, {SHORT[scenario]}: every method (ours only)", exps, note))
     parts.append(importance_table(res, root))
     if res.warnings:
         parts.append("### Warnings\n\n" + "\n".join(f"- {w}" for w in sorted(set(res.warnings))))

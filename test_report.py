@@ -126,6 +126,22 @@ def test_report_compare_section(tmp_path: Path) -> None:
     assert "| shapley | 1 (reference) | not run | 1 (reference) | not run | 90.50 ± 0.50 |" in importance
 
 
+def test_compare_intransigence_against_the_joint_run_of_the_same_seed(tmp_path: Path) -> None:
+    base = tmp_path / "compare/baselines"
+    joint = [fake_run(s, 0.9, dataset="pmnist", scenario="class_il", method="joint") for s in (42, 43)]
+    joint[1]["accuracy_matrix"] = [[0.95, None, None], [0.9, 0.85, None], [0.9, 0.9, 0.75]]
+    ewc = [fake_run(s, 0.6, dataset="pmnist", scenario="class_il", method="ewc") for s in (42, 43, 44)]
+    ewc[0]["metrics"]["Intransigence"] = 0.5  # written by train.py --joint-results: kept as it is
+    write_runs(base / "pmnist_class_il_joint", joint)
+    write_runs(base / "pmnist_class_il_ewc", ewc)
+    cil = report.compare_section(tmp_path / "compare").split("\n### ")[1]
+    cells = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[6] for line in cil.splitlines()
+             if line.startswith("| ") and not line.startswith("| run")}
+    # seed 43: mean of a*_k - A_kk = (0.35, 0.25, 0.15) -> 25 %; seed 44 has no joint run
+    assert cells["EWC"] == "37.50 ± 12.50 (n=2)" and cells["Joint (upper bound)"] == "n/a"
+    assert "against the joint run of the same seed" in cil
+
+
 def test_report_cli_and_figures(tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "RESULTS.md"
     assert report.main(["--results", str(tree), "--out", str(out)]) == 0
