@@ -701,7 +701,8 @@ def resolve_args(args: argparse.Namespace) -> list[tuple[bool, str]]:
 
 
 def resumable(args: argparse.Namespace) -> bool:
-    """Whether a checkpoint holds the whole state of the run: not for a baseline or --reset, which keep their own."""
+    """Whether the run is snv, sgd or joint without --reset: a checkpoint holds its whole state and torchrun can
+    run it. A baseline or --reset keeps state of its own between tasks."""
     return args.method not in BASELINES and args.reset == "none"
 
 
