@@ -140,10 +140,10 @@ experiment() {  # experiment GROUP/NAME JOINT_DIR|- TRAIN_ARGS...: one results f
     for a in "$@"; do
         [[ $prev == --dataset ]] && dataset=$a
         [[ $prev == --method ]] && method=$a
-        [[ $a == --reset ]] && resumable=0
+        [[ $prev == --reset && $a != none ]] && resumable=0
         prev=$a
     done
-    [[ " snv sgd joint " == *" $method "* ]] || resumable=0
+    [[ " snv sgd joint " == *" $method "* ]] || resumable=0  # as baselines.resumable
     # shellcheck disable=SC2206  # the profiles are word lists
     local cmd=("$PYTHON" train.py "$@" ${PROFILE[$dataset]:-} --out-dir "$dir")
     echo "# $name"

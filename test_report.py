@@ -256,12 +256,17 @@ def test_dry_run_baselines_file(tmp_path: Path) -> None:
                        "python train.py --dataset pmnist --scenario task_il --method ewc --ewc-lambda 100 "
                        "--seeds 42 43 44 --out-dir results/pmnist_task_il_ewc-lambda100_T10\n"
                        "python train.py --dataset pmnist --scenario class_il --method snv --importance random "
-                       "--seeds 42 43 --out-dir results/pmnist_class_il_snv-random_T10\n")
+                       "--seeds 42 43 --out-dir results/pmnist_class_il_snv-random_T10\n"
+                       "python train.py --dataset pmnist --method snv --reset gxd --seeds 42 --out-dir results/g\n"
+                       "python train.py --dataset pmnist --method snv --reset none --seeds 42 --out-dir results/n\n")
     res = tmp_path / "res"
     (res / "bounds/pmnist_joint_class_il").mkdir(parents=True)
     (res / "bounds/pmnist_joint_class_il/seed43.json").write_text("{}")
     (res / "baselines/pmnist_task_il_ewc-lambda100_T10").mkdir(parents=True)
     (res / "baselines/pmnist_task_il_ewc-lambda100_T10/checkpoint_seed42.pt").write_text("")  # interrupted
+    for name in ("g", "n"):
+        (res / f"baselines/{name}").mkdir()
+        (res / f"baselines/{name}/checkpoint_seed42.pt").write_text("")
     env = {**os.environ, "SNV_RESULTS_DIR": str(res), "SNV_BASELINES_FILE": str(listing)}
     proc = subprocess.run(["bash", "run_experiments.sh", "--dry-run", "--only", "baselines"], cwd=HERE, env=env,
                           capture_output=True, text=True, timeout=60)
@@ -272,6 +277,9 @@ def test_dry_run_baselines_file(tmp_path: Path) -> None:
     assert ewc[0] == (f"python train.py --dataset pmnist --scenario task_il --method ewc --ewc-lambda 100 --out-dir "
                       f"{res}/baselines/pmnist_task_il_ewc-lambda100_T10 --seeds 42 --overwrite")  # not continued
     assert [x.split("--seeds ")[1] for x in ewc[1:]] == ["43", "44", "42 43 44 --resume"]
+    for name, first in (("g", "42 --overwrite"), ("n", "42 --resume")):  # a reset's checkpoint is not continued
+        assert [x.split("--seeds ")[1] for x in commands(proc.stdout) if f"baselines/{name} " in x] == [
+            first, "42 --resume"]
     snv = [x for x in commands(proc.stdout) if "snv-random" in x]
     assert [x.split("--seeds ")[1] for x in snv] == [
         "42", f"43 --joint-results {res}/bounds/pmnist_joint_class_il/seed43.json", "42 43 --resume"]
