@@ -49,6 +49,27 @@ class NeuronGate(nn.Module):
         return torch.where(self.keep.view(k, 1, self.n, *spatial), xs, const).view_as(x)
 
 
+class NeuronBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose `fixed` channels ([C] bool) normalise with their running statistics in training too.
+
+    snv_core.Freezer fixes the channels of frozen neurons B_t while later tasks train, so that they compute
+    during training exactly the function they compute at test (eval mode); with batch statistics, later
+    tasks would learn on frozen features they never see at test.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self.fixed: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, C, H, W]."""
+        if not self.training or self.fixed is None:
+            return super().forward(x)
+        at_test = F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias,
+                               False, 0.0, self.eps)
+        return torch.where(self.fixed.view(1, -1, 1, 1), at_test, super().forward(x))
+
+
 @dataclass
 class NeuronLayer:
     """One layer of players: the module whose output rows are neurons, its BatchNorm and its gate."""
@@ -56,7 +77,7 @@ class NeuronLayer:
     name: str
     producer: nn.Linear | nn.Conv2d
     gate: NeuronGate
-    bn: nn.BatchNorm2d | None
+    bn: NeuronBatchNorm2d | None
 
 
 class ContinualNet(nn.Module):
@@ -190,14 +211,14 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, name: str) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.gate1, self.bn1 = NeuronGate(cout), nn.BatchNorm2d(cout)
+        self.gate1, self.bn1 = NeuronGate(cout), NeuronBatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.gate2, self.bn2 = NeuronGate(cout), nn.BatchNorm2d(cout)
+        self.gate2, self.bn2 = NeuronGate(cout), NeuronBatchNorm2d(cout)
         self.layers = [NeuronLayer(f"{name}.conv1", self.conv1, self.gate1, self.bn1),
                        NeuronLayer(f"{name}.conv2", self.conv2, self.gate2, self.bn2)]
         self.shortcut: nn.Sequential | None = None
         if stride != 1 or cin != cout:
-            conv, gate, bn = nn.Conv2d(cin, cout, 1, stride, bias=False), NeuronGate(cout), nn.BatchNorm2d(cout)
+            conv, gate, bn = nn.Conv2d(cin, cout, 1, stride, bias=False), NeuronGate(cout), NeuronBatchNorm2d(cout)
             self.shortcut = nn.Sequential(conv, bn, gate)
             self.layers.append(NeuronLayer(f"{name}.shortcut", conv, gate, bn))
 
@@ -225,7 +246,7 @@ class ResNet18(ContinualNet):
             raise ValueError(f"unknown ResNet stem {stem_kind!r}: use 'cifar' or 'imagenet'")
         k, s, p = (3, 1, 1) if stem_kind == "cifar" else (7, 2, 3)
         self.conv1 = nn.Conv2d(in_channels, width, k, s, p, bias=False)
-        self.gate1, self.bn1 = NeuronGate(width), nn.BatchNorm2d(width)
+        self.gate1, self.bn1 = NeuronGate(width), NeuronBatchNorm2d(width)
         self.maxpool = nn.MaxPool2d(3, 2, 1) if stem_kind == "imagenet" else nn.Identity()
         blocks, cin = [], width
         for stage, mult in enumerate((1, 2, 4, 8)):

@@ -371,10 +371,24 @@ def bounds_table(res: Results) -> str:
     return runs_table("Bounds: SGD (fine-tuning) and Joint, every main-table setting (ours only)", exps)
 
 
+PROFILE_KEYS = {"width": "width", "epochs": "max epochs", "batch_size": "batch", "shapley_eval_batches":
+                "V on batches of 64", "max_permutations": "max orderings"}
+"""The settings a CPU profile changes, as the Split-MNIST note names them."""
+
+
+def profile_note(exps: Iterable[Experiment | None]) -> str:
+    """The PROFILE_KEYS settings these experiments ran with, read from their results files."""
+    args = [e.args for e in exps if e is not None]
+    parts = [f"{name} {'/'.join(sorted({'default' if a.get(k) is None else str(a[k]) for a in args}))}"
+             for k, name in PROFILE_KEYS.items()]
+    return f"Settings, from the results files: {', '.join(parts)}." if args else ""
+
+
 def splitmnist_table(res: Results) -> str:
     exps = [(f"{SHORT[s]} {METHOD_NAMES[m]}", res.get(f"splitmnist/{m}_{s}", dataset="splitmnist", method=m,
                                                        scenario=s)) for m in ("snv", "sgd") for s in SCENARIOS]
-    return runs_table("Split-MNIST, 5 tasks, ResNet-18 at CPU width (ours only)", exps)
+    return runs_table("Split-MNIST, 5 tasks, ResNet-18 at a CPU profile (ours only)", exps,
+                      profile_note(e for _, e in exps))
 
 
 def comparison_runs_table(res: Results) -> str:

@@ -7,18 +7,19 @@ S_t = top-k neurons of task t; B_t = B_{t-1} U S_t = the cumulative frozen mask.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models import ContinualNet
+from models import ContinualNet, NeuronBatchNorm2d
 
 ValueFn = Callable[[Tensor], Tensor]
 """V: coalitions as keep-masks [K, N] bool -> values [K] float64."""
@@ -428,11 +429,14 @@ class Freezer:
     The paper's update theta <- theta - eta (dL/dtheta * M) zeroes the gradient of each frozen
     neuron's weight row and bias (and its BatchNorm's affine parameters); because weight decay,
     momentum and BatchNorm running statistics would still move them, `step` also restores those
-    entries (and the running statistics) from a snapshot after every optimizer step.
+    entries (and the running statistics) from a snapshot after every optimizer step. Within
+    `training`, their BatchNorm channels normalise with the frozen running statistics, so that frozen
+    neurons compute in training exactly what they compute at test.
     """
 
     def __init__(self, model: ContinualNet, frozen: Tensor, frozen_heads: int) -> None:
         self.entries: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.fixed: list[tuple[NeuronBatchNorm2d, Tensor]] = []
         for layer, mask in zip(model.layers, model.split_neurons(frozen.to(torch.bool))):
             idx = mask.nonzero().squeeze(1).to(layer.producer.weight.device)
             if idx.numel() == 0:
@@ -440,6 +444,7 @@ class Freezer:
             tensors = [layer.producer.weight, layer.producer.bias]
             if layer.bn is not None:
                 tensors += [layer.bn.weight, layer.bn.bias, layer.bn.running_mean, layer.bn.running_var]
+                self.fixed.append((layer.bn, mask.to(layer.bn.weight.device)))
             self.entries += [(t, idx, t.detach()[idx].clone()) for t in tensors if t is not None]
         for head in model.heads[:frozen_heads]:
             for p in head.parameters():
@@ -462,6 +467,17 @@ class Freezer:
         self.mask_gradients()
         optimizer.step()
         self.restore()
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """Within the block, frozen neurons' BatchNorm normalises with its frozen statistics in train mode too."""
+        for bn, mask in self.fixed:
+            bn.fixed = mask
+        try:
+            yield
+        finally:
+            for bn, _ in self.fixed:
+                bn.fixed = None
 
 
 def layer_counts(model: ContinualNet, mask: Tensor) -> list[int]:

@@ -179,6 +179,22 @@ def test_script_is_bash_clean() -> None:
     assert subprocess.run(["bash", "-n", "run_experiments.sh"], cwd=HERE).returncode == 0
 
 
+def test_splitmnist_table_reads_its_settings_from_the_results(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    profile = {"width": 8, "epochs": 10, "batch_size": 64, "shapley_eval_batches": 2, "max_permutations": 30}
+    snv = fake_run(42, 0.9, dataset="splitmnist", tasks=5)
+    snv["args"].update(profile)
+    sgd = fake_run(42, 0.6, dataset="splitmnist", tasks=5, method="sgd")
+    sgd["args"].update(profile, width=None)
+    write_runs(root / "splitmnist/snv_task_il", [snv])
+    write_runs(root / "splitmnist/sgd_task_il", [sgd])
+    table = report.splitmnist_table(report.Results(report.find_experiments(root)))
+    assert ("Settings, from the results files: width 8/default, max epochs 10, batch 64, V on batches of 64 2, "
+            "max orderings 30.") in table
+    assert "| TIL SNV | 90.00 ± 0.00 |" in table and "| CIL SNV | not run |" in table
+    assert report.splitmnist_table(report.Results({})).count("Settings") == 0
+
+
 def test_dry_run_lists_every_group(tmp_path: Path) -> None:
     text = dry_run(tmp_path)
     cmds = commands(text)
@@ -201,7 +217,8 @@ def test_dry_run_lists_every_group(tmp_path: Path) -> None:
     for c in ("0.03", "0.05", "0.3", "0.5"):
         assert any(f"--sparsity {c}" in x and f"capacity/tinyimagenet_c{c}" in x for x in cmds), c
     assert all("--prune-analysis" in c for c in cmds if "/pruning/" in c)
-    assert all("--width 16" in c for c in cmds if "splitmnist" in c)
+    assert all("--width 8 --epochs 10 --shapley-eval-batches 2 --max-permutations 30" in c
+               for c in cmds if "splitmnist" in c)
     assert not any("/quick/" in c for c in cmds)
 
 

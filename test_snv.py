@@ -316,6 +316,31 @@ def test_freezer_keeps_frozen_neurons_bit_identical(arch, opt, wd):
     assert not torch.equal(after["heads.1.weight"], before["heads.1.weight"])
 
 
+def test_frozen_channels_normalise_in_training_as_at_test():
+    torch.manual_seed(0)
+    model = build_model("resnet18", (1, 8, 8), width=6)
+    model.add_head(3)
+    frozen = torch.rand(model.num_neurons, generator=torch.Generator().manual_seed(3)) < 0.4
+    mask = model.split_neurons(frozen)[0]  # the stem: its input is the image in train and eval mode alike
+    assert mask.any() and (~mask).any()
+    x = torch.randn(16, 1, 8, 8) * 3 + 1  # batch statistics far from the running ones
+    outs: list[Tensor] = []
+    model.layers[0].gate.register_forward_hook(lambda m, i, o: outs.append(o.detach().clone()))
+    freezer = snv_core.Freezer(model, frozen, 0)
+    model.eval()
+    model(x, 0)
+    model.train()
+    with freezer.training():
+        model(x, 0)
+    freezer.restore()
+    model(x, 0)
+    at_test, fixed, batch = outs
+    assert torch.equal(fixed[:, mask], at_test[:, mask])
+    assert torch.equal(fixed[:, ~mask], batch[:, ~mask])
+    assert not torch.allclose(batch[:, mask], at_test[:, mask], atol=1e-2)  # without it they would differ
+    assert all(layer.bn.fixed is None for layer in model.layers)
+
+
 def synthetic_args(tmp_path, *extra: str) -> list[str]:
     return ["--dataset", "synthetic", "--epochs", "3", "--max-permutations", "8", "--shapley-eval-batches", "1",
             "--out-dir", str(tmp_path / "out"), "--seeds", "0", "--no-figures", *extra]

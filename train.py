@@ -233,38 +233,41 @@ def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_
     c = bench.classes_per_task
     cache = {j: cache_finished_logits(model, bench.tasks[j].train, task, state, args, device) for j in data_tasks}
     best, best_state, bad, epoch = float("inf"), None, 0, 0
-    for epoch in tqdm(range(1, epochs + 1), desc=desc, disable=not args.progress, leave=False):
-        net.train()
-        iters = [bench.tasks[j].train.batches(args.batch_size, shuffle=True, generator=gen, augment=True,
-                                              device=device, positions=True) for j in data_tasks]
-        while iters:
-            for j, it in list(zip(data_tasks, iters)):
-                batch = next(it, None)
-                if batch is None:
-                    data_tasks, iters = [d for d, i in zip(data_tasks, iters) if i is not it], [i for i in iters if i is not it]
-                    continue
-                if len(batch[1]) < dist.world:
-                    continue
-                x, y, pos = (b[dist.rank::dist.world] for b in batch)
-                finished = cache[j][pos] if cache[j] is not None else None
-                loss = F.cross_entropy(net(x, j, finished), targets(y, j, args.scenario, c)) + state.method.penalty(model, x, j)
-                if dist.any(not bool(torch.isfinite(loss))):
-                    raise FloatingPointError(f"non-finite loss ({loss.item()}) in task {task + 1}, epoch {epoch}: "
-                                             "lower --lr or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                freezer.step(optimizer)
-                state.method.after_step(model)
-        dist.sync_buffers(model)
-        data_tasks = sorted({*range(task + 1)} if args.method == "joint" else {task})
-        val = sum(evaluate(model, bench.tasks[j].val, j, task, args, state, device, c)[1] for j in data_tasks)
-        if val < best:
-            best, bad = val, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad += 1
-            if bad >= args.patience:
-                break
+    with freezer.training():
+        for epoch in tqdm(range(1, epochs + 1), desc=desc, disable=not args.progress, leave=False):
+            net.train()
+            iters = [bench.tasks[j].train.batches(args.batch_size, shuffle=True, generator=gen, augment=True,
+                                                  device=device, positions=True) for j in data_tasks]
+            while iters:
+                for j, it in list(zip(data_tasks, iters)):
+                    batch = next(it, None)
+                    if batch is None:
+                        data_tasks = [d for d, i in zip(data_tasks, iters) if i is not it]
+                        iters = [i for i in iters if i is not it]
+                        continue
+                    if len(batch[1]) < dist.world:
+                        continue
+                    x, y, pos = (b[dist.rank::dist.world] for b in batch)
+                    finished = cache[j][pos] if cache[j] is not None else None
+                    loss = (F.cross_entropy(net(x, j, finished), targets(y, j, args.scenario, c))
+                            + state.method.penalty(model, x, j))
+                    if dist.any(not bool(torch.isfinite(loss))):
+                        raise FloatingPointError(f"non-finite loss ({loss.item()}) in task {task + 1}, epoch {epoch}: "
+                                                 "lower --lr or check the data")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    freezer.step(optimizer)
+                    state.method.after_step(model)
+            dist.sync_buffers(model)
+            data_tasks = sorted({*range(task + 1)} if args.method == "joint" else {task})
+            val = sum(evaluate(model, bench.tasks[j].val, j, task, args, state, device, c)[1] for j in data_tasks)
+            if val < best:
+                best, bad = val, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad += 1
+                if bad >= args.patience:
+                    break
     if best_state is not None:
         model.load_state_dict(best_state)
     return epoch
