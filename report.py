@@ -372,14 +372,14 @@ def bounds_table(res: Results) -> str:
 
 
 PROFILE_KEYS = {"width": "width", "epochs": "max epochs", "batch_size": "batch", "shapley_eval_batches":
-                "V on batches of 64", "max_permutations": "max orderings"}
+                "batches of 64 for V", "max_permutations": "max orderings"}
 """The settings a CPU profile changes, as the Split-MNIST note names them."""
 
 
 def profile_note(exps: Iterable[Experiment | None]) -> str:
     """The PROFILE_KEYS settings these experiments ran with, read from their results files."""
     args = [e.args for e in exps if e is not None]
-    parts = [f"{name} {'/'.join(sorted({'default' if a.get(k) is None else str(a[k]) for a in args}))}"
+    parts = [f"{name}: {'/'.join(sorted({'default' if a.get(k) is None else str(a[k]) for a in args}))}"
              for k, name in PROFILE_KEYS.items()]
     return f"Settings, from the results files: {', '.join(parts)}." if args else ""
 

@@ -189,8 +189,8 @@ def test_splitmnist_table_reads_its_settings_from_the_results(tmp_path: Path) ->
     write_runs(root / "splitmnist/snv_task_il", [snv])
     write_runs(root / "splitmnist/sgd_task_il", [sgd])
     table = report.splitmnist_table(report.Results(report.find_experiments(root)))
-    assert ("Settings, from the results files: width 8/default, max epochs 10, batch 64, V on batches of 64 2, "
-            "max orderings 30.") in table
+    assert ("Settings, from the results files: width: 8/default, max epochs: 10, batch: 64, batches of 64 for V: 2, "
+            "max orderings: 30.") in table
     assert "| TIL SNV | 90.00 ± 0.00 |" in table and "| CIL SNV | not run |" in table
     assert report.splitmnist_table(report.Results({})).count("Settings") == 0
 
