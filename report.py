@@ -371,24 +371,11 @@ def bounds_table(res: Results) -> str:
     return runs_table("Bounds: SGD (fine-tuning) and Joint, every main-table setting (ours only)", exps)
 
 
-PROFILE_KEYS = {"width": "width", "epochs": "max epochs", "batch_size": "batch", "shapley_eval_batches":
-                "batches of 64 for V", "max_permutations": "max orderings"}
-"""The settings a CPU profile changes, as the Split-MNIST note names them."""
-
-
-def profile_note(exps: Iterable[Experiment | None]) -> str:
-    """The PROFILE_KEYS settings these experiments ran with, read from their results files."""
-    args = [e.args for e in exps if e is not None]
-    parts = [f"{name}: {'/'.join(sorted({'default' if a.get(k) is None else str(a[k]) for a in args}))}"
-             for k, name in PROFILE_KEYS.items()]
-    return f"Settings, from the results files: {', '.join(parts)}." if args else ""
-
-
 def splitmnist_table(res: Results) -> str:
     exps = [(f"{SHORT[s]} {METHOD_NAMES[m]}", res.get(f"splitmnist/{m}_{s}", dataset="splitmnist", method=m,
                                                        scenario=s)) for m in ("snv", "sgd") for s in SCENARIOS]
     return runs_table("Split-MNIST, 5 tasks, ResNet-18 at a CPU profile (ours only)", exps,
-                      profile_note(e for _, e in exps))
+                      protocol_line((e for _, e in exps), ("width",) + PROTOCOL_KEYS[2:]))
 
 
 def comparison_runs_table(res: Results) -> str:
@@ -460,10 +447,13 @@ def compare_folder(scenario: str, name: str) -> str:
     return f"baselines/pmnist_{scenario}_{name}"
 
 
-def protocol_line(exps: Iterable[Experiment | None]) -> str:
-    """The training settings shared by these runs (a warning in the text if they differ)."""
-    keys = ("num_tasks", "arch", "epochs", "batch_size", "lr", "optimizer", "max_permutations",
-            "shapley_eval_batches")
+PROTOCOL_KEYS = ("num_tasks", "arch", "epochs", "batch_size", "lr", "optimizer", "max_permutations",
+                 "shapley_eval_batches")
+"""The settings protocol_line reports by default."""
+
+
+def protocol_line(exps: Iterable[Experiment | None], keys: tuple[str, ...] = PROTOCOL_KEYS) -> str:
+    """The settings `keys` shared by these runs (a warning in the text if they differ)."""
     exps = [e for e in exps if e is not None]
     if not exps:
         return ""

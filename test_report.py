@@ -189,10 +189,10 @@ def test_splitmnist_table_reads_its_settings_from_the_results(tmp_path: Path) ->
     write_runs(root / "splitmnist/snv_task_il", [snv])
     write_runs(root / "splitmnist/sgd_task_il", [sgd])
     table = report.splitmnist_table(report.Results(report.find_experiments(root)))
-    assert ("Settings, from the results files: width: 8/default, max epochs: 10, batch: 64, batches of 64 for V: 2, "
-            "max orderings: 30.") in table
+    assert ("Protocol read from the results: width=8/None, epochs=10, batch_size=64, lr=None, optimizer=None, "
+            "max_permutations=30, shapley_eval_batches=2 (**the runs differ in a setting**).") in table
     assert "| TIL SNV | 90.00 ± 0.00 |" in table and "| CIL SNV | not run |" in table
-    assert report.splitmnist_table(report.Results({})).count("Settings") == 0
+    assert report.splitmnist_table(report.Results({})).count("Protocol read") == 0
 
 
 def test_dry_run_lists_every_group(tmp_path: Path) -> None:
