@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import baselines
 import train
 
 HERE = Path(__file__).resolve().parent
@@ -217,3 +218,15 @@ def test_config_diff_treats_a_missing_setting_as_its_default():
     assert train.config_diff(older, current) == ""
     changed = dict(older, bandit_threshold="midpoint")
     assert train.config_diff(changed, current) == "bandit_threshold 'midpoint' -> 'kth'"
+
+
+@pytest.mark.parametrize("method, default", [("snv", "shapley"), ("eidetic", "taylor")])
+def test_config_diff_fills_a_missing_setting_with_its_per_method_default(method, default):
+    args = train.build_parser().parse_args(["--method", method])
+    args.world_size = 1
+    baselines.resolve_args(args)
+    current = train.result_config(vars(args))
+    assert current["importance"] == default
+    older = {k: v for k, v in current.items() if k != "importance"}
+    assert train.config_diff(older, current) == ""
+    assert train.config_diff(dict(older, method="sgd"), current) == f"importance None -> {default!r}, method 'sgd' -> {method!r}"

@@ -493,9 +493,13 @@ def result_config(args: dict) -> dict:
 def config_diff(saved: dict, current: dict) -> str:
     """'key saved -> current' for every setting that differs; empty if none does.
 
-    A setting missing from `saved` (a flag added after it was written) counts as its default.
+    A setting missing from `saved` (a flag added after it was written) counts as its default for the saved
+    run's method (e.g. --importance shapley for snv).
     """
-    saved = {**result_config(vars(build_parser().parse_args([]))), "world_size": 1, **saved}
+    defaults = build_parser().parse_args([])
+    defaults.method, defaults.world_size = saved.get("method", defaults.method), 1
+    baselines.resolve_args(defaults)
+    saved = {**result_config(vars(defaults)), **saved}
     keys = sorted(k for k in saved.keys() | current.keys() if saved.get(k, "unset") != current.get(k, "unset"))
     return ", ".join(f"{k} {saved.get(k, 'unset')!r} -> {current.get(k, 'unset')!r}" for k in keys)
 
