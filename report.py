@@ -318,14 +318,15 @@ def capacity_tables(res: Results) -> str:
 
 
 def pruning_experiments(res: Results) -> list[tuple[str, Experiment | None]]:
-    """Fig. 4's runs (run_experiments.sh's pruning group), labelled."""
+    """Fig. 4's runs, labelled: the 10-task main runs and sgd bounds, keeping the seeds run with --prune-analysis."""
     out = []
     for dataset in ("pmnist", "cifar100"):
         for method in ("snv", "sgd"):
             for s in SCENARIOS:
-                exp = res.get(f"pruning/{dataset}_{method}_{s}", dataset=dataset, method=method, scenario=s)
+                exp = res.main(dataset, s, 10, method)
+                runs = [r for r in exp.runs if "pruning" in r] if exp is not None else []
                 out.append((f"{DATASETS[dataset]} {SHORT[s]} {METHOD_NAMES[method]}",
-                            exp if exp is None or any("pruning" in r for r in exp.runs) else None))
+                            Experiment(exp.folder, runs) if runs else None))
     return out
 
 
@@ -333,7 +334,7 @@ def critical_text(exp: Experiment | None) -> str:
     """Mean ± std of the critical percentage over seeds; seeds never falling below half are counted apart."""
     if exp is None:
         return NOT_RUN
-    crit = [r["pruning"]["critical_percentage"] for r in exp.runs if "pruning" in r]
+    crit = [r["pruning"]["critical_percentage"] for r in exp.runs]
     reached = [float(c) for c in crit if c is not None]
     if not reached:
         return f"never (n={len(crit)})"
@@ -346,7 +347,7 @@ def curve_at(exp: Experiment | None, rate: int) -> str:
     """Mean ± std over seeds of the average accuracy (%) at pruning `rate`."""
     if exp is None:
         return NOT_RUN
-    values = [r["pruning"]["avg_accuracy"][r["pruning"]["rates"].index(rate)] for r in exp.runs if "pruning" in r]
+    values = [r["pruning"]["avg_accuracy"][r["pruning"]["rates"].index(rate)] for r in exp.runs]
     mean, std = stats(values)
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
@@ -357,7 +358,8 @@ def pruning_table(res: Results) -> str:
     body = [[label, critical_text(e), NONE, curve_at(e, 0), curve_at(e, 50), curve_at(e, 90),
              str(e.n) if e else NONE] for label, e in exps]
     header = ["run", "critical % (ours)", "critical % (paper)", "avg acc 0% pruned", "50% pruned", "90% pruned", "n"]
-    note = ("Backbone weights (Linear/Conv2d producers, not heads) pruned globally by magnitude at 0, 5, ..., 90%; "
+    note = ("Measured after the 10-task main runs and sgd bounds run with --prune-analysis (n counts those seeds). "
+            "Backbone weights (Linear/Conv2d producers, not heads) pruned globally by magnitude at 0, 5, ..., 90%; "
             "critical % = first rate whose average accuracy is below half the unpruned one. The paper shows Fig. 4 "
             "only as a figure, so it has no number to compare (\"—\"); see figures/pruning_curves.png.")
     return "\n\n".join(["### Fig. 4: pruning robustness", note, markdown(header, body), prov])
@@ -575,7 +577,7 @@ def pruning_figure(res: Results, path: Path) -> bool:
     for label, exp in pruning_experiments(res):
         if exp is None:
             continue
-        runs = [r["pruning"] for r in exp.runs if "pruning" in r]
+        runs = [r["pruning"] for r in exp.runs]
         columns = list(zip(*(p["avg_accuracy"] for p in runs)))
         mean_std = [stats([100 * a for a in col]) for col in columns]
         curves[label] = (runs[0]["rates"], [m for m, _ in mean_std], [s for _, s in mean_std])

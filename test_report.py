@@ -47,13 +47,15 @@ def row_after(text: str, title: str, label: str) -> list[str]:
 
 @pytest.fixture()
 def tree(tmp_path: Path) -> Path:
-    """A results tree: CIFAR-100 TIL-10 (2 seeds), a capacity point, a pruning run, quick runs, a misfiled run."""
+    """A results tree: CIFAR-100 TIL-10 (2 seeds), a capacity point, an sgd bound with pruning in one of its 2 seeds,
+    quick runs, a misfiled run."""
     root = tmp_path / "results"
     write_runs(root / "cifar100/snv_task_il_T10", [fake_run(42, 0.70), fake_run(43, 0.74)])
     write_runs(root / "capacity/cifar100_c0.03", [fake_run(42, 0.60, sparsity=0.03)])
     write_runs(root / "cifar100/snv_class_il_T10", [fake_run(42, 0.5, scenario="task_il")])
     pruning = {"rates": [0, 50, 90], "avg_accuracy": [0.8, 0.6, 0.2], "critical_percentage": 90}
-    write_runs(root / "pruning/pmnist_snv_task_il", [fake_run(42, 0.8, dataset="pmnist", pruning=pruning)])
+    write_runs(root / "bounds/pmnist_sgd_task_il", [fake_run(42, 0.8, dataset="pmnist", method="sgd", pruning=pruning),
+                                                    fake_run(43, 0.6, dataset="pmnist", method="sgd")])
     write_runs(root / "quick/cifar100/snv_task_il_T10", [fake_run(42, 0.30), fake_run(43, 0.30)])
     return root
 
@@ -76,7 +78,9 @@ def test_report_tables(tree: Path) -> None:
                            "c = 0.1")
     assert ours[2] == "72.00 ± 2.00"  # c = 0.1 is the main TIL-10 run
     assert "n seeds: 1/2 per run" in full and DEVICE in full and "testhost" in full
-    assert "| PMNIST TIL SNV | 90.0 ± 0.0 | — | 80.00 ± 0.00 | 60.00 ± 0.00 | 20.00 ± 0.00 | 1 |" in full
+    assert "| PMNIST TIL SGD (lower bound) | 90.0 ± 0.0 | — | 80.00 ± 0.00 | 60.00 ± 0.00 | 20.00 ± 0.00 | 1 |" in full
+    assert "| PMNIST TIL SNV | not run |" in full
+    assert "| PMNIST TIL T=10 SGD (lower bound) | 70.00 ± 10.00 |" in full  # both seeds in the bounds table
     assert "| CIFAR-100 TIL SNV | not run |" in full
     assert "`cifar100/snv_class_il_T10` holds" in full  # a folder with other settings is ignored, with a warning
     assert "30.00" not in full  # quick results never appear in the full tables
@@ -206,7 +210,7 @@ def test_dry_run_lists_every_group(tmp_path: Path) -> None:
                 [("pmnist", ""), ("cifar100", "_T10"), ("cifar100", "_T20"), ("tinyimagenet", "_T10"),
                  ("tinyimagenet", "_T20"), ("imagenet1k", "_T10"), ("imagenet1k", "_T20"), ("imagenet1k", "_T50")]]
     expected += [f"bounds/cifar100_{m}_class_il_T20" for m in ("sgd", "joint")]
-    expected += ["splitmnist/snv_class_il", "splitmnist/sgd_task_il", "pruning/cifar100_snv_class_il"]
+    expected += ["splitmnist/snv_class_il", "splitmnist/sgd_task_il"]
     for folder in expected:
         mine = [c for c in cmds if c.split("--out-dir ")[1].split()[0] == f"{res}/{folder}"]
         assert len(mine) == 11, folder  # one call per seed, then one --resume call writing the summary
@@ -216,7 +220,7 @@ def test_dry_run_lists_every_group(tmp_path: Path) -> None:
     assert main_runs and all("--sparsity" not in c for c in main_runs)  # c = 1/T, train.py's default
     for c in ("0.03", "0.05", "0.3", "0.5"):
         assert any(f"--sparsity {c}" in x and f"capacity/tinyimagenet_c{c}" in x for x in cmds), c
-    assert all("--prune-analysis" in c for c in cmds if "/pruning/" in c)
+    assert all("--prune-analysis" in c for c in cmds if "/baselines/" not in c)  # Fig. 4 from every run
     assert all("--width 8 --epochs 10 --shapley-eval-batches 2 --max-permutations 30" in c
                for c in cmds if "splitmnist" in c)
     assert not any("/quick/" in c for c in cmds)
@@ -291,8 +295,8 @@ def test_dry_run_baselines_file(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     assert f"python baselines.py rank-correlation --dataset pmnist --out-dir {res}/baselines/rc --seeds 42 43" in lines
     ewc = [x for x in commands(proc.stdout) if "ewc-lambda100" in x]
-    assert ewc[0] == (f"python train.py --dataset pmnist --scenario task_il --method ewc --ewc-lambda 100 --out-dir "
-                      f"{res}/baselines/pmnist_task_il_ewc-lambda100_T10 --seeds 42 --overwrite")  # not continued
+    assert ewc[0] == (f"python train.py --dataset pmnist --scenario task_il --method ewc --ewc-lambda 100 --prune-analysis "
+                      f"--out-dir {res}/baselines/pmnist_task_il_ewc-lambda100_T10 --seeds 42 --overwrite")  # not continued
     assert [x.split("--seeds ")[1] for x in ewc[1:]] == ["43", "44", "42 43 44 --resume"]
     for name, first in (("g", "42 --overwrite"), ("n", "42 --resume")):  # a reset's checkpoint is not continued
         assert [x.split("--seeds ")[1] for x in commands(proc.stdout) if f"baselines/{name} " in x] == [
