@@ -672,8 +672,14 @@ def add_arguments(add: Callable[..., None]) -> None:
         help="fraction of each layer's free weights pruned after each task (then --mask-finetune-epochs retraining)")
 
 
+RANGES = (("--reset-rate", "(0, 1]"), ("--eidetic-step", "(0, 1]"), ("--eidetic-threshold", "[0, 1]"),
+          ("--eidetic-recovery-epochs", ">= 0"), ("--eidetic-router-epochs", ">= 1"), ("--ewc-lambda", ">= 0"),
+          ("--si-c", ">= 0"), ("--lwf-alpha", ">= 0"), ("--lwf-temperature", "> 0"), ("--packnet-prune", "(0, 1)"))
+"""The baselines' numeric flags and their allowed values (checked by train.in_range)."""
+
+
 def resolve_args(args: argparse.Namespace) -> list[tuple[bool, str]]:
-    """Fill --importance's per-method default; return (ok, message) checks of the baselines' options."""
+    """Fill --importance's per-method default; return (ok, message) checks of the baselines' other options."""
     given = args.importance
     args.importance = given or DEFAULT_IMPORTANCE.get(args.method)
     return [
@@ -685,16 +691,6 @@ def resolve_args(args: argparse.Namespace) -> list[tuple[bool, str]]:
          "--method wsn is task-incremental only (a task's weight mask needs its task id): use --scenario task_il"),
         (args.reset == "none" or args.method in RESET_METHODS,
          f"--reset gxd applies to --method {', '.join(RESET_METHODS)}, not {args.method}"),
-        (0 < args.reset_rate <= 1, f"--reset-rate must be in (0, 1], got {args.reset_rate}"),
-        (0 < args.eidetic_step <= 1, f"--eidetic-step must be in (0, 1], got {args.eidetic_step}"),
-        (0 <= args.eidetic_threshold <= 1, f"--eidetic-threshold must be in [0, 1], got {args.eidetic_threshold}"),
-        (args.eidetic_recovery_epochs >= 0, f"--eidetic-recovery-epochs must be >= 0, got {args.eidetic_recovery_epochs}"),
-        (args.eidetic_router_epochs >= 1, f"--eidetic-router-epochs must be >= 1, got {args.eidetic_router_epochs}"),
-        (args.ewc_lambda >= 0, f"--ewc-lambda must be >= 0, got {args.ewc_lambda}"),
-        (args.si_c >= 0, f"--si-c must be >= 0, got {args.si_c}"),
-        (args.lwf_alpha >= 0, f"--lwf-alpha must be >= 0, got {args.lwf_alpha}"),
-        (args.lwf_temperature > 0, f"--lwf-temperature must be > 0, got {args.lwf_temperature}"),
-        (0 < args.packnet_prune < 1, f"--packnet-prune must be in (0, 1), got {args.packnet_prune}"),
         (args.world_size == 1 or resumable(args),
          "the baselines and --reset run in a single process only: run without torchrun"),
     ]

@@ -1,6 +1,7 @@
 """Tests of the Shapley estimators, the neuron gates, freezing and the end-to-end loop."""
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
@@ -483,6 +484,18 @@ def test_bad_input_gives_clear_error(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "seed0.json").exists()
+
+
+@pytest.mark.parametrize("allowed,value,ok", [
+    (">= 1", 1, True), (">= 1", 0, False), ("> 0", 0.0, False), ("> 0", 1e-9, True),
+    ("(0, 1]", 0.0, False), ("(0, 1]", 1.0, True), ("[0, 1)", 0.0, True), ("[0, 1)", 1.0, False),
+    ("(0, 1)", 0.5, True), ("(0, 1)", 1.0, False), ("[0, 1]", 1.0, True), ("[0, 1]", -0.1, False),
+    (">= 1", None, True),  # unset (e.g. --width): nothing to check
+])
+def test_in_range_reads_each_bound_as_written(allowed, value, ok):
+    args = argparse.Namespace(eval_batch_size=value)
+    assert train.in_range(args, "--eval-batch-size", allowed) == (ok, f"--eval-batch-size must be "
+                                                                     f"{'' if allowed[0] == '>' else 'in '}{allowed}, got {value}")
 
 
 def test_unknown_flag_values_exit_2(tmp_path):

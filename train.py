@@ -679,6 +679,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RANGES = (("--num-tasks", ">= 1"), ("--sparsity", "(0, 1]"), ("--truncation", "[0, 1)"), ("--confidence", "(0, 1)"),
+          ("--max-permutations", ">= 1"), ("--shapley-eval-batches", ">= 1"), ("--epochs", ">= 1"),
+          ("--mask-finetune-epochs", ">= 0"), ("--batch-size", ">= 1"), ("--eval-batch-size", ">= 1"),
+          ("--lr", "> 0"), ("--patience", ">= 1"), ("--weight-decay", ">= 0"), ("--width", ">= 1"))
+"""The numeric flags and their allowed values: '>= x', '> x', or an interval such as '(0, 1]'."""
+
+
+def in_range(args: argparse.Namespace, flag: str, allowed: str) -> tuple[bool, str]:
+    """(ok, message): whether --flag's value (None = unset, always ok) is `allowed`, e.g. '>= 1' or '[0, 1)'."""
+    value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+    message = f"{flag} must be {'' if allowed[0] == '>' else 'in '}{allowed}, got {value}"
+    if value is None:
+        return True, message
+    if allowed[0] == ">":
+        op, bound = allowed.split()
+        return (value > float(bound) if op == ">" else value >= float(bound)), message
+    low, high = (float(x) for x in allowed[1:-1].split(","))
+    ok = (low < value if allowed[0] == "(" else low <= value) and (value < high if allowed[-1] == ")" else value <= high)
+    return ok, message
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill per-dataset defaults and validate everything before any training starts."""
     d = DATASET_DEFAULTS[args.dataset]
@@ -691,21 +712,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.mask_finetune_epochs = max(1, args.epochs // 10)
     args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(args)
-    checks = [
-        (args.num_tasks >= 1, f"--num-tasks must be >= 1, got {args.num_tasks}"),
-        (0 < args.sparsity <= 1, f"--sparsity must be in (0, 1], got {args.sparsity}"),
-        (0 <= args.truncation < 1, f"--truncation tau must be in [0, 1), got {args.truncation}"),
-        (0 < args.confidence < 1, f"--confidence alpha must be in (0, 1), got {args.confidence}"),
-        (args.max_permutations >= 1, f"--max-permutations must be >= 1, got {args.max_permutations}"),
-        (args.shapley_eval_batches >= 1, f"--shapley-eval-batches must be >= 1, got {args.shapley_eval_batches}"),
-        (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
-        (args.mask_finetune_epochs >= 0, f"--mask-finetune-epochs must be >= 0, got {args.mask_finetune_epochs}"),
-        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-        (args.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {args.eval_batch_size}"),
-        (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
-        (args.patience >= 1, f"--patience must be >= 1, got {args.patience}"),
-        (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
-        (args.width is None or args.width >= 1, f"--width must be >= 1, got {args.width}"),
+    checks = [in_range(args, flag, allowed) for flag, allowed in RANGES + baselines.RANGES] + [
         (len(set(args.seeds)) == len(args.seeds), f"--seeds has duplicates: {args.seeds}"),
         (args.device != "cuda" or torch.cuda.is_available(), "--device cuda was given but CUDA is not available: "
                                                             "use --device cpu or auto"),
