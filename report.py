@@ -225,12 +225,16 @@ def provenance(exps: Iterable[Experiment | None]) -> tuple[int, str]:
         return 0, "n seeds: 0 (nothing in this table has been run yet)."
     counts = sorted({e.n for e in exps})
     n = max(counts, key=lambda k: (sum(e.n == k for e in exps), k))
+    seeds = "/".join(str(k) for k in counts)
+    return n, f"n seeds: {seeds} per run (cells with another n say so); {machines_line(exps)}"
+
+
+def machines_line(exps: list[Experiment]) -> str:
+    """'device: ...; machine: ...' of every run of these experiments."""
     devices = sorted({r.get("device", "unknown") for e in exps for r in e.runs})
     machines = sorted({f"{r.get('machine', {}).get('host', 'unknown')} ({r.get('machine', {}).get('cpus', '?')} CPUs, "
                        f"torch {r.get('machine', {}).get('torch', '?')})" for e in exps for r in e.runs})
-    seeds = "/".join(str(k) for k in counts)
-    return n, f"n seeds: {seeds} per run (cells with another n say so); device: {', '.join(devices)}; " \
-              f"machine: {', '.join(machines)}."
+    return f"device: {', '.join(devices)}; machine: {', '.join(machines)}."
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -373,6 +377,42 @@ def bounds_table(res: Results) -> str:
     return runs_table("Bounds: SGD (fine-tuning) and Joint, every main-table setting (ours only)", exps)
 
 
+SEED_METRICS = ("ACC", "BWT", "FWT", "AF", "PS", "CAP")
+"""The per-seed columns of seeds_table."""
+
+
+def seeds_table(res: Results) -> str:
+    """PMNIST at the paper's protocol, one row per seed: SNV and the bounds, with each run's time and commit."""
+    header = (["run", "seed"] + [f"{k} ({'fraction' if is_fraction(k) else '%'})" for k in SEED_METRICS]
+              + ["wall time (min)", "commit"])
+    body, exps = [], []
+    for s in SCENARIOS:
+        for m in ("snv", "sgd", "joint"):
+            exp, label = res.main("pmnist", s, 10, m), f"{SHORT[s]} {METHOD_NAMES[m]}"
+            if exp is None:
+                body.append([label, NONE] + [NOT_RUN] * len(SEED_METRICS) + [NONE, NONE])
+                continue
+            exps.append(exp)
+            for r in exp.runs:
+                body.append([label, str(r["seed"])] + [seed_cell(r, k) for k in SEED_METRICS]
+                            + [f"{r['seconds'] / 60:.0f}" if "seconds" in r else NONE, r.get("git_commit", NONE)[:7]])
+    note = ("Every seed of `pmnist/snv_*` and `bounds/pmnist_{sgd,joint}_*`; \"0 exactly\" = no test accuracy of "
+            "an old task changed at all. Wall time is the run's own record: a run resumed from a checkpoint adds "
+            "its parts, and runs sharing a core take longer.")
+    return "\n\n".join(["### PMNIST, 10 tasks, the paper's protocol: every seed (ours only)", note,
+                         markdown(header, body), machines_line(exps) if exps else "Nothing run yet."])
+
+
+def seed_cell(run: dict, key: str) -> str:
+    """One seed's metric as displayed; BWT is "0 exactly" when the last row of A equals its diagonal."""
+    value, A = run["metrics"].get(key), run["accuracy_matrix"]
+    if value is None:
+        return UNDEFINED
+    if key == "BWT" and all(A[-1][j] == A[j][j] for j in range(len(A))):
+        return "0 exactly"
+    return number(key, scaled(key, value))
+
+
 def splitmnist_table(res: Results) -> str:
     exps = [(f"{SHORT[s]} {METHOD_NAMES[m]}", res.get(f"splitmnist/{m}_{s}", dataset="splitmnist", method=m,
                                                        scenario=s)) for m in ("snv", "sgd") for s in SCENARIOS]
@@ -428,7 +468,7 @@ def section(root: Path, label: str, exclude: tuple[str, ...]) -> str:
     res = Results(find_experiments(root, exclude) if root.is_dir() else {})
     parts = [imagenet_table(res), ten_task_table(res, "task_il"), ten_task_table(res, "class_il"),
              twenty_task_table(res), capacity_tables(res), pruning_table(res), bounds_table(res),
-             splitmnist_table(res), comparison_runs_table(res), rank_correlation_table(root, exclude),
+             seeds_table(res), splitmnist_table(res), comparison_runs_table(res), rank_correlation_table(root, exclude),
              all_runs_table(res)]
     if label:
         parts = [p.replace("### ", f"### {label}: ") for p in parts]

@@ -183,6 +183,23 @@ def test_script_is_bash_clean() -> None:
     assert subprocess.run(["bash", "-n", "run_experiments.sh"], cwd=HERE).returncode == 0
 
 
+def test_seeds_table_lists_every_pmnist_seed_and_only_exact_zero_bwt_as_exact(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    kept = [[0.9, None], [0.9, 0.8]]
+    cancelled = [[0.9, None], [0.95, 0.8]]  # task 1 changed; BWT recorded as 0 would still not be "exact"
+    runs = [dict(fake_run(seed, 0.85, dataset="pmnist", method=m), accuracy_matrix=A, seconds=600.0,
+                 git_commit=f"{seed}abcdef0")
+            for seed, m, A in ((42, "snv", kept), (43, "snv", cancelled))]
+    for r in runs:
+        r["metrics"]["BWT"] = 0.0
+    write_runs(root / "pmnist/snv_task_il", runs)
+    table = report.seeds_table(report.Results(report.find_experiments(root)))
+    assert "| TIL SNV | 42 | 85.00 | 0 exactly | n/a | 0.00 | 0.500 | 0.100 | 10 | 42abcde |" in table
+    assert "| TIL SNV | 43 | 85.00 | 0.00 | n/a |" in table
+    assert "| CIL Joint (upper bound) | — | not run |" in table and "machine: testhost" in table
+    assert "Nothing run yet." in report.seeds_table(report.Results({}))
+
+
 def test_splitmnist_table_reads_its_settings_from_the_results(tmp_path: Path) -> None:
     root = tmp_path / "results"
     profile = {"width": 8, "epochs": 10, "batch_size": 64, "shapley_eval_batches": 2, "max_permutations": 30}
