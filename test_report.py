@@ -400,3 +400,37 @@ def test_pruning_curve_restores_weights_and_prunes_backbone_only(tmp_path: Path)
     assert len(curve["avg_accuracy"]) == 19
     assert seen[0] == 0.0 and seen[-1] == pytest.approx(0.9, abs=1e-3)  # 2 tasks per rate
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+# ----------------------------------------------------------------------------- the committed report
+
+def test_committed_results_md_is_the_report_of_the_committed_results(monkeypatch) -> None:
+    monkeypatch.chdir(HERE)
+    assert report.report(Path("results")) == (HERE / "RESULTS.md").read_text(), \
+        "RESULTS.md is stale: run python report.py --results results --out RESULTS.md"
+
+
+def table_blocks(lines: list[str]) -> list[tuple[list[str], str]]:
+    """Each Markdown table of `lines` with the first non-blank line after it."""
+    blocks, i = [], 0
+    while i < len(lines):
+        if not lines[i].startswith("|"):
+            i += 1
+            continue
+        j = i
+        while j < len(lines) and lines[j].startswith("|"):
+            j += 1
+        after = next((x for x in lines[j:] if x.strip()), "")
+        blocks.append((lines[i:j], after))
+        i = j
+    return blocks
+
+
+def test_readme_tables_copied_from_results_md_match_it() -> None:
+    """A README table with mean ± std cells, or marked "(From RESULTS.md", is verbatim in RESULTS.md."""
+    generated = set((HERE / "RESULTS.md").read_text().splitlines())
+    copied = [rows for rows, after in table_blocks((HERE / "README.md").read_text().splitlines())
+              if after.startswith("(From RESULTS.md") or any("±" in r for r in rows)]
+    assert copied, "README has no table copied from RESULTS.md"
+    stale = [r for rows in copied for r in rows if r not in generated]
+    assert not stale, f"README rows not in RESULTS.md (copy them again from it): {stale}"
