@@ -262,8 +262,11 @@ def check_results(path, method: str) -> dict:
                                              ("wsn", "task_il"), ("ewc", "class_il"), ("si", "class_il"),
                                              ("lwf", "class_il")])
 def test_every_baseline_runs_from_the_cli(tmp_path, method, scenario):
-    assert train.main(run_args(tmp_path, "--method", method, "--scenario", scenario, "--num-tasks", "2")) == 0
+    """...with --prune-analysis, as run_experiments.sh runs them: its 0 % point is the run's own ACC."""
+    assert train.main(run_args(tmp_path, "--method", method, "--scenario", scenario, "--num-tasks", "2",
+                               "--prune-analysis")) == 0
     data = check_results(tmp_path / "out" / "seed0.json", method)
+    assert data["pruning"]["avg_accuracy"][0] == pytest.approx(data["metrics"]["ACC"], abs=1e-12)
     records = data["method_records"]
     if method == "eidetic":
         assert [r["task"] for r in records] == [1, 2] and data["metrics"]["CAP"] == records[-1]["frozen_total"] / data["num_neurons"]
