@@ -172,6 +172,11 @@ def is_fraction(key: str) -> bool:
     return key in FRACTIONS
 
 
+def column(key: str) -> str:
+    """A metric's column heading with its unit: 'ACC (%)', 'PS (fraction)'."""
+    return f"{key} ({'fraction' if is_fraction(key) else '%'})"
+
+
 def scaled(key: str, value: float) -> float:
     """A metric as displayed: accuracies in %, fractions as they are."""
     return value if is_fraction(key) else 100.0 * value
@@ -256,7 +261,7 @@ def comparison_table(title: str, columns: list[str], rows: list[tuple[str, list[
 def runs_table(title: str, exps: list[tuple[str, Experiment | None]], note: str = "") -> str:
     """Ours only: every metric of each experiment (no paper number exists for these)."""
     n, prov = provenance(e for _, e in exps)
-    header = ["run"] + [f"{k} ({'fraction' if is_fraction(k) else '%'})" for k in ALL_METRICS] + ["n"]
+    header = ["run"] + [column(k) for k in ALL_METRICS] + ["n"]
     body = [[label] + [Cell(e, k).ours(n) for k in ALL_METRICS] + [str(e.n) if e else NONE] for label, e in exps]
     return "\n\n".join(x for x in (f"### {title}", note, markdown(header, body), prov) if x)
 
@@ -280,7 +285,7 @@ def imagenet_table(res: Results) -> str:
 
 def ten_task_table(res: Results, scenario: str) -> str:
     keys = ("ACC", "BWT", "PS", "FWT", "AF", "Intransigence", "CAP")
-    columns = [f"{k} ({'fraction' if is_fraction(k) else '%'})" for k in keys]
+    columns = [column(k) for k in keys]
     rows = []
     for dataset in ("pmnist", "cifar100", "tinyimagenet"):
         paper = PAPER_REPORTED["ten_tasks"][(dataset, scenario)]
@@ -292,7 +297,7 @@ def ten_task_table(res: Results, scenario: str) -> str:
 
 
 def twenty_task_table(res: Results) -> str:
-    columns = [f"{SHORT[s]} {k} ({'fraction' if is_fraction(k) else '%'})" for s in SCENARIOS
+    columns = [f"{SHORT[s]} {column(k)}" for s in SCENARIOS
                for k in ("ACC", "BWT", "PS")]
     rows = []
     for dataset in ("cifar100", "tinyimagenet"):
@@ -383,7 +388,7 @@ SEED_METRICS = ("ACC", "BWT", "FWT", "AF", "PS", "CAP")
 
 def seeds_table(res: Results) -> str:
     """PMNIST at the paper's protocol, one row per seed: SNV and the bounds, with each run's time and commit."""
-    header = (["run", "seed"] + [f"{k} ({'fraction' if is_fraction(k) else '%'})" for k in SEED_METRICS]
+    header = (["run", "seed"] + [column(k) for k in SEED_METRICS]
               + ["wall time (min)", "commit"])
     body, exps = [], []
     for s in SCENARIOS:

@@ -180,18 +180,22 @@ main_setting() {  # main_setting GROUP METHOD DATASET SCENARIO T: a main-table r
         --dataset "$dataset" --method "$method" --scenario "$scenario" --num-tasks "$tasks"
 }
 
+bound_setting() {  # bound_setting METHOD DATASET SCENARIO T: the sgd or joint bound of a main-table setting
+    local method=$1 dataset=$2 scenario=$3 tasks=$4
+    experiment "bounds/${dataset}_${method}_$scenario$(task_suffix "$dataset" "$tasks")" - \
+        --dataset "$dataset" --method "$method" --scenario "$scenario" --num-tasks "$tasks"
+}
+
 MAIN_SETTINGS=("pmnist 10" "cifar100 10" "cifar100 20" "tinyimagenet 10" "tinyimagenet 20"
                "imagenet1k 10" "imagenet1k 20" "imagenet1k 50")
 
 bounds() {  # sgd and joint for every main-table setting
-    local setting dataset tasks scenario method sfx
+    local setting dataset tasks scenario method
     for setting in "${MAIN_SETTINGS[@]}"; do
         read -r dataset tasks <<<"$setting"
-        sfx=$(task_suffix "$dataset" "$tasks")
         for scenario in task_il class_il; do
             for method in sgd joint; do
-                experiment "bounds/${dataset}_${method}_$scenario$sfx" - \
-                    --dataset "$dataset" --method "$method" --scenario "$scenario" --num-tasks "$tasks"
+                bound_setting "$method" "$dataset" "$scenario" "$tasks"
             done
         done
     done
@@ -230,13 +234,11 @@ capacity() {  # Table 3; c = 0.1 = 1/T is the main 10-task TIL run
 }
 
 pruning() {  # Fig. 4: the main runs and sgd bounds it reads (each records its pruning curve)
-    local dataset scenario sfx
+    local dataset scenario
     for dataset in pmnist cifar100; do
-        sfx=$(task_suffix "$dataset" 10)
         for scenario in task_il class_il; do
             main_setting "$dataset" snv "$dataset" "$scenario" 10
-            experiment "bounds/${dataset}_sgd_$scenario$sfx" - \
-                --dataset "$dataset" --method sgd --scenario "$scenario" --num-tasks 10
+            bound_setting sgd "$dataset" "$scenario" 10
         done
     done
 }
