@@ -30,6 +30,7 @@ class NeuronGate(nn.Module):
         self.keep: Tensor | None = None
         self.const: Tensor | None = None
         self.sums: Tensor | None = None
+        self.maxes: Tensor | None = None
         self.count = 0
 
     def forward(self, x: Tensor) -> Tensor:
@@ -37,6 +38,7 @@ class NeuronGate(nn.Module):
         if self.sums is not None:
             dims = [0] + list(range(2, x.dim()))
             self.sums += x.detach().double().sum(dim=dims)
+            self.maxes = torch.maximum(self.maxes, x.detach().double().amax(dim=dims))
             self.count += x.numel() // self.n
         if self.keep is None:
             return x
@@ -161,15 +163,17 @@ class ContinualNet(nn.Module):
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[list[NeuronGate]]:
-        """Within the block, gates accumulate the sum and count of their inputs (for mu)."""
+        """Within the block, gates accumulate the sum, maximum and count of their inputs (for mu, silent units)."""
         for layer in self.layers:
-            layer.gate.sums = torch.zeros(layer.gate.n, dtype=torch.float64, device=layer.producer.weight.device)
+            device = layer.producer.weight.device
+            layer.gate.sums = torch.zeros(layer.gate.n, dtype=torch.float64, device=device)
+            layer.gate.maxes = torch.full((layer.gate.n,), -torch.inf, dtype=torch.float64, device=device)
             layer.gate.count = 0
         try:
             yield [layer.gate for layer in self.layers]
         finally:
             for layer in self.layers:
-                layer.gate.sums = None
+                layer.gate.sums = layer.gate.maxes = None
 
 
 def he_init(module: nn.Module) -> None:

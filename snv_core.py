@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models import ContinualNet, NeuronBatchNorm2d
+from models import ContinualNet, NeuronBatchNorm2d, NeuronGate
 
 ValueFn = Callable[[Tensor], Tensor]
 """V: coalitions as keep-masks [K, N] bool -> values [K] float64."""
@@ -42,15 +42,31 @@ def reuse_freed_memory() -> None:
 
 
 @torch.no_grad()
-def mean_activations(model: ContinualNet, batches: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
-    """mu: [N], each neuron's mean output (over batch, and H x W for a filter), in eval mode."""
+def _captured(model: ContinualNet, batches: Iterable[tuple[Tensor, Tensor]], what: str,
+              per_gate: Callable[[NeuronGate], Tensor]) -> Tensor:
+    """[N]: `per_gate` of every gate after an eval-mode pass over `batches` under model.capturing()."""
     model.eval()
     with model.capturing() as gates:
         for x, _ in batches:
             model.features(x)
         if gates[0].count == 0:
-            raise ValueError("mean_activations got no data: the validation split is empty")
-        return torch.cat([g.sums / g.count for g in gates]).float()
+            raise ValueError(f"{what} got no data: the split is empty")
+        return torch.cat([per_gate(g) for g in gates])
+
+
+def mean_activations(model: ContinualNet, batches: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
+    """mu: [N], each neuron's mean output (over batch, and H x W for a filter), in eval mode."""
+    return _captured(model, batches, "mean_activations", lambda g: g.sums / g.count).float()
+
+
+def silent_units(model: ContinualNet, batches: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
+    """[N] bool: neurons whose output is never positive on these inputs (at any position of a filter), in eval mode.
+
+    In the MLP the gate is the ReLU's input, so these are the ReLUs that never fire: from these inputs no
+    gradient reaches them or anything before them. In the ResNet this holds for each block's conv1; conv2 and
+    the shortcut are summed before their ReLU.
+    """
+    return _captured(model, batches, "silent_units", lambda g: g.maxes <= 0)
 
 
 class MaskedAccuracy:

@@ -146,6 +146,25 @@ def test_compare_intransigence_against_the_joint_run_of_the_same_seed(tmp_path: 
     assert "against the joint run of the same seed" in cil
 
 
+def test_main_tables_take_intransigence_from_the_joint_bound_of_the_same_seed(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    snv = [fake_run(s, 0.9, dataset="pmnist") for s in (42, 43)]
+    joint = [fake_run(42, 0.95, dataset="pmnist", method="joint")]
+    joint[0]["accuracy_matrix"] = [[0.95, None, None], [0.9, 0.85, None], [0.9, 0.9, 0.75]]
+    write_runs(root / "pmnist/snv_task_il", snv)
+    write_runs(root / "bounds/pmnist_joint_task_il", joint)
+    text = report.report(root)
+    ours = row_after(text, "10 tasks, task-incremental (c = 0.1): SNV", "PMNIST")[0]
+    # seed 42: mean of a*_k - A_kk = (0.95 - 0.9, 0.85 - 0.9, 0.75 - 0.9) -> -5 %; seed 43 has no joint run
+    assert ours[7] == "-5.00 (n=1)"
+    seeds = text.split("### PMNIST, 10 tasks, the paper's protocol: every seed", 1)[1].split("\n### ", 1)[0]
+    assert "| TIL SNV | 42 | 90.00 | 0 exactly | n/a | 0.00 | 0.500 | -5.00 | 0.100 |" in seeds
+    assert "| TIL SNV | 43 | 90.00 | 0 exactly | n/a | 0.00 | 0.500 | n/a | 0.100 |" in seeds
+    assert "| TIL Joint (upper bound) | 42 | 95.00 | -0.95 | n/a | 0.00 | 0.500 | n/a | 0.100 |" in seeds
+    assert "| `pmnist/snv_task_il` (snv, pmnist, TIL, T=10, c=0.1) | 90.00 ± 0.00 | -0.90 ± 0.00 | n/a | 0.00 ± 0.00 " \
+           "| 0.500 ± 0.000 | n/a |" in text  # the all-folders table shows the JSONs as recorded
+
+
 def test_report_cli_and_figures(tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "RESULTS.md"
     assert report.main(["--results", str(tree), "--out", str(out)]) == 0
@@ -194,7 +213,7 @@ def test_seeds_table_lists_every_pmnist_seed_and_only_exact_zero_bwt_as_exact(tm
         r["metrics"]["BWT"] = 0.0
     write_runs(root / "pmnist/snv_task_il", runs)
     table = report.seeds_table(report.Results(report.find_experiments(root)))
-    assert "| TIL SNV | 42 | 85.00 | 0 exactly | n/a | 0.00 | 0.500 | 0.100 | 10 | 42abcde |" in table
+    assert "| TIL SNV | 42 | 85.00 | 0 exactly | n/a | 0.00 | 0.500 | n/a | 0.100 | 10 | 42abcde |" in table
     assert "| TIL SNV | 43 | 85.00 | 0.00 | n/a |" in table
     assert "| CIL Joint (upper bound) | — | not run |" in table and "machine: testhost" in table
     assert "Nothing run yet." in report.seeds_table(report.Results({}))

@@ -78,7 +78,7 @@ def test_killed_run_resumes_to_identical_results(tmp_path, capsys):
     assert "task 1/4" not in resumed.stdout and "task 3/4" in resumed.stdout
     assert not checkpoint.exists()  # deleted once the results JSON is written
     a, b = (json.loads((d / "seed0.json").read_text()) for d in (tmp_path / "ref", out))
-    for key in ("accuracy_matrix", "metrics", "epochs_run", "random_init_accuracy"):
+    for key in ("accuracy_matrix", "metrics", "epochs_run", "silent_units", "random_init_accuracy"):
         assert a[key] == b[key], key
     assert [s["phi"] for s in a["shapley"]] == [s["phi"] for s in b["shapley"]]
     assert [s["frozen_total"] for s in a["shapley"]] == [s["frozen_total"] for s in b["shapley"]]
@@ -127,11 +127,12 @@ def test_corrupt_checkpoint_is_refused_and_kept(tmp_path, capsys):
     (["--scenario", "class_il"], ("other settings", "scenario 'task_il' -> 'class_il'")),
     (["--seeds", "1"], ("seed 0, not synthetic seed 1",)),
     (["--dataset", "pmnist", "--data-dir", str(MNIST_RAW.parent.parent)], ("dataset synthetic seed 0, not pmnist",)),
-    (["format"], ("format version 1, but this train.py reads version 2",)),
+    (["format"], (f"format version {train.FORMAT_VERSION}, but this train.py reads version "
+                  f"{train.FORMAT_VERSION + 1}",)),
 ])
 def test_mismatched_checkpoint_is_refused_and_kept(tmp_path, capsys, monkeypatch, one_task_checkpoint, extra, needles):
     if extra == ["format"]:
-        monkeypatch.setattr(train, "FORMAT_VERSION", 2)
+        monkeypatch.setattr(train, "FORMAT_VERSION", train.FORMAT_VERSION + 1)
         extra = []
     out = tmp_path / "out"
     out.mkdir()

@@ -196,6 +196,24 @@ def test_gate_replaces_by_mean_and_stacks_coalitions():
     assert torch.allclose(out, out[:1].expand_as(out))  # every neuron removed: the input no longer matters
 
 
+
+def test_silent_units_are_the_relus_that_never_fire():
+    model = MLP(in_features=2, width=3, depth=2)
+    with torch.no_grad():
+        for lin in model.linears:
+            lin.weight.zero_()
+        model.linears[0].weight[2] = torch.tensor([1.0, 0.0])  # fires only where x_0 > 0
+        model.linears[0].bias.copy_(torch.tensor([-1.0, 0.0, 0.0]))  # unit 0 below zero, unit 1 exactly zero
+        model.linears[1].bias.copy_(torch.tensor([2.0, -2.0, 0.5]))
+    negative, mixed = torch.tensor([[-1.0, 5.0], [-2.0, 0.0]]), torch.tensor([[-1.0, 5.0], [3.0, 0.0]])
+    expect = [True, True, True, False, True, False]
+    assert snv_core.silent_units(model, [(negative, None)]).tolist() == expect
+    expect[2] = False  # one positive input in one batch is enough
+    assert snv_core.silent_units(model, [(negative, None), (mixed, None)]).tolist() == expect
+    assert snv_core.layer_counts(model, snv_core.silent_units(model, [(mixed, None)])) == [2, 1]
+    with pytest.raises(ValueError, match="silent_units got no data"):
+        snv_core.silent_units(model, [])
+
 @pytest.mark.parametrize("arch", ["mlp", "resnet18"])
 def test_masked_accuracy_fast_equals_naive(arch):
     torch.manual_seed(0)
@@ -392,6 +410,15 @@ def test_old_task_logits_are_bit_identical_in_til(tmp_path, arch, opt, wd):
     assert all(A[2][j] == A[j][j] for j in range(3)) and result["metrics"]["BWT"] == 0.0
 
 
+def test_run_records_each_tasks_silent_units_on_its_validation_data(tmp_path):
+    args = train.resolve_args(train.build_parser().parse_args(synthetic_args(tmp_path, "--width", "16")))
+    bench = train.datasets.get_benchmark("synthetic", args.num_tasks, 0, None)
+    seen = []
+    result = train.run_seed(args, 0, torch.device("cpu"), on_task_end=lambda t, model, state: seen.append(
+        snv_core.layer_counts(model, snv_core.silent_units(model, bench.tasks[t].val.batches(100)))))
+    assert result["silent_units"] == seen and len(seen) == args.num_tasks
+    assert len({tuple(row) for row in seen}) > 1  # not vacuous: the counts differ between tasks
+
 # ----------------------------------------------------------------------------- end to end
 
 def test_cli_end_to_end_writes_valid_json(tmp_path):
@@ -413,6 +440,8 @@ def test_cli_end_to_end_writes_valid_json(tmp_path):
         assert len(entry["phi"]) == data["num_neurons"]
     frozen = [e["frozen_total"] for e in data["shapley"]]
     assert frozen == sorted(frozen) and frozen[-1] <= data["num_neurons"]
+    assert len(data["silent_units"]) == T
+    assert all(0 <= k <= size for row in data["silent_units"] for k, size in zip(row, data["layer_sizes"], strict=True))
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["metrics"]["ACC"]["n"] == 1
 

@@ -47,7 +47,7 @@ DATASET_DEFAULTS = {
     "synthetic": dict(arch="mlp", num_tasks=3, epochs=5, batch_size=16),
 }
 SHAPLEY_BATCH = 64
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of the checkpoint layout; a checkpoint of another version is refused."""
 RUN_ONLY_ARGS = frozenset({"seeds", "device", "dist_backend", "data_dir", "out_dir", "joint_results", "overwrite",
                            "resume", "no_figures", "progress", "prune_analysis"})
@@ -221,6 +221,8 @@ def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_
                 device: torch.device, gen: torch.Generator, desc: str, dist: Dist = SINGLE_PROCESS) -> int:
     """Train on `data_tasks`' training data with early stopping on validation loss; restore the best weights.
 
+    Several data tasks (joint) take turns, one batch of each task in order, until every task's epoch is done.
+
     Distributed: every rank draws the same batches and trains on its share (every world-th sample) through
     a DDP wrapper made for this phase (heads are added per task); batches smaller than the world are skipped.
     Returns the number of epochs run.
@@ -236,14 +238,13 @@ def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_
     with freezer.training():
         for epoch in tqdm(range(1, epochs + 1), desc=desc, disable=not args.progress, leave=False):
             net.train()
-            iters = [bench.tasks[j].train.batches(args.batch_size, shuffle=True, generator=gen, augment=True,
-                                                  device=device, positions=True) for j in data_tasks]
-            while iters:
-                for j, it in list(zip(data_tasks, iters)):
+            active = [(j, bench.tasks[j].train.batches(args.batch_size, shuffle=True, generator=gen, augment=True,
+                                                       device=device, positions=True)) for j in data_tasks]
+            while active:
+                for j, it in list(active):
                     batch = next(it, None)
                     if batch is None:
-                        data_tasks = [d for d, i in zip(data_tasks, iters) if i is not it]
-                        iters = [i for i in iters if i is not it]
+                        active.remove((j, it))
                         continue
                     if len(batch[1]) < dist.world:
                         continue
@@ -259,7 +260,6 @@ def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_
                     freezer.step(optimizer)
                     state.method.after_step(model)
             dist.sync_buffers(model)
-            data_tasks = sorted({*range(task + 1)} if args.method == "joint" else {task})
             val = sum(evaluate(model, bench.tasks[j].val, j, task, args, state, device, c)[1] for j in data_tasks)
             if val < best:
                 best, bad = val, 0
@@ -401,11 +401,12 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
     state = State(torch.zeros(n, dtype=torch.bool), method=baselines.build_method(args, model, seed))
     gen = torch.Generator().manual_seed(seed)
     A = np.full((T, T), np.nan)
-    shapley, resets, epochs_run, t0, start = [], [], [], time.time(), 0
+    shapley, silent, resets, epochs_run, t0, start = [], [], [], [], time.time(), 0
     if saved is not None:
         restore_checkpoint(saved, model, state, gen, c, device)
         A[:] = np.array(saved["accuracy_matrix"], dtype=float)
-        shapley, epochs_run, start = saved["shapley"], saved["epochs_run"], saved["tasks_done"]
+        shapley, silent, epochs_run = saved["shapley"], saved["silent_units"], saved["epochs_run"]
+        start = saved["tasks_done"]
         t0 -= saved["seconds"]
     for t in range(start, T):
         model.add_head(c)
@@ -437,6 +438,8 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
             record["frozen_per_layer"] = snv_core.layer_counts(model, members)
             shapley.append(record)
         state.method.after_task(model, state, task_loop(model, bench, t, freezer, state, args, device, gen, dist))
+        silent.append(snv_core.layer_counts(model, snv_core.silent_units(
+            model, bench.tasks[t].val.batches(args.eval_batch_size, device=device))))
         for j in range(t + 1):
             A[t, j] = evaluate(model, bench.tasks[j].test, j, t, args, state, device, c)[0]
         if on_task_end is not None:
@@ -444,7 +447,7 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
         if dist.rank == 0 and checkpoint is not None:
             save_checkpoint(checkpoint, args, seed, model, state, gen, {
                 "tasks_done": t + 1, "accuracy_matrix": A.tolist(), "random_init_accuracy": b,
-                "epochs_run": epochs_run, "shapley": shapley, "seconds": time.time() - t0})
+                "epochs_run": epochs_run, "shapley": shapley, "silent_units": silent, "seconds": time.time() - t0})
         if dist.rank == 0:
             print(f"[seed {seed}] task {t + 1}/{T}: " + " ".join(f"{a:.4f}" for a in A[t, :t + 1]), flush=True)
     joint_diag = load_joint_diag(args.joint_results, seed, T) if args.joint_results else None
@@ -455,7 +458,7 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
         "machine": machine(), "git_commit": git_commit(), "seconds": round(time.time() - t0, 1),
         "num_neurons": n, "layer_names": model.layer_names, "layer_sizes": model.layer_sizes,
         "accuracy_matrix": [[None if np.isnan(a) else float(a) for a in row] for row in A],
-        "random_init_accuracy": b, "epochs_run": epochs_run,
+        "random_init_accuracy": b, "epochs_run": epochs_run, "silent_units": silent,
         "metrics": metrics.compute_metrics(A, np.array(b), joint_diag, frozen, n),
         "shapley": shapley, "method_records": state.method.records, "resets": resets, **pruning,
     }
@@ -476,8 +479,8 @@ def load_joint_diag(path: str, seed: int, T: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- checkpoints (--resume)
 
 CHECKPOINT_KEYS = frozenset({"format_version", "dataset", "seed", "config", "tasks_done", "accuracy_matrix",
-                             "random_init_accuracy", "epochs_run", "shapley", "seconds", "model", "frozen",
-                             "subnets", "generator", "torch_rng", "cuda_rng", "numpy_rng"})
+                             "random_init_accuracy", "epochs_run", "shapley", "silent_units", "seconds", "model",
+                             "frozen", "subnets", "generator", "torch_rng", "cuda_rng", "numpy_rng"})
 
 
 def checkpoint_path(out: Path, seed: int) -> Path:
