@@ -1,26 +1,25 @@
-"""Alternatives to SNV in the same harness: cheap neuron importances, GXD resets, Eidetic Learning, EWC, SI, LwF,
-PackNet and WSN.
+"""The methods and neuron scores of the harness, each registered under its name in one place.
 
-train.py keeps the loop (train, score, evaluate); a baseline plugs into it through `Method`'s hooks:
-before_task, forward (one head's logits, e.g. through a weight mask), penalty (added to the loss),
-after_step (after every optimizer step), after_task (pruning, consolidation; gets a `Loop` to call
-back into train.py) and route (class-incremental task routing).
+A neuron score is one function registered with `@register_score(name, *flags)`: it gets a `ScoreInput`
+(the trained model, the task's evaluation set, mu, k, V) and returns phi [N] (higher = more important).
+SNV freezes the top-k of the score chosen by --importance (default: Monte Carlo Shapley).
 
-`python baselines.py rank-correlation [train.py options]` trains task 1 and measures every cheap score's
-Spearman rank correlation with Monte Carlo Shapley and its cost.
+A method is one `Method` subclass registered with `@register_method`: class attributes say what it
+freezes, which scenarios and scores it supports, and its own flags (with allowed ranges and help); its
+hooks (FACIL-style) are before_task, data_tasks, forward (one head's logits), penalty (added to the
+loss), after_step, after_task (selection, pruning, consolidation; gets a `Loop` of train.py's services)
+and route (class-incremental task routing). train.py, report.py, run_experiments.sh and --help read
+METHODS and SCORES; no other list of their names exists. This module never imports train.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import math
-import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,24 +27,166 @@ from torch.func import functional_call
 
 import datasets
 import snv_core
-from models import ContinualNet, build_model, he_init
+from models import ContinualNet, he_init
 
-if TYPE_CHECKING:
-    from train import State
-
-IMPORTANCES = ("shapley", "random", "magnitude", "activation", "taylor", "gxd")
-DEFAULT_IMPORTANCE = {"snv": "shapley", "eidetic": "taylor"}
-FROZEN_HEADS = ("snv", "eidetic", "packnet", "wsn")
-"""Methods whose finished heads are frozen."""
-NEURON_FREEZING = ("snv", "eidetic")
-"""Methods with a frozen-neuron set B_t (reported as CAP)."""
-RESET_METHODS = ("snv", "sgd", "ewc", "si", "lwf")
-"""Methods that --reset gxd may be combined with (no weight ownership, no own reinitialisation)."""
+SCENARIOS = ("task_il", "class_il")
 SI_DAMPING = 0.1
 """xi of Synaptic Intelligence: Omega += omega / (Delta^2 + xi)."""
 
 
-# ----------------------------------------------------------------------------- neuron importances
+# ----------------------------------------------------------------------------- registries
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line option of a method or score: argparse keywords and, for a number, its allowed values."""
+
+    name: str
+    kwargs: dict
+    allowed: str | None = None
+    """'>= x', '> x' or an interval such as '(0, 1]' (checked by train.in_range); None for a choice or a switch."""
+
+    @property
+    def dest(self) -> str:
+        return self.name.removeprefix("--").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class ScoreInput:
+    """What a neuron score sees: the trained model, head `task`, the evaluation set x [E, ...], y [E], the mean
+    activations mu [N], the capacity k, the value function V(S) (coalitions [K, N] bool -> [K]), a seed, the run's
+    options and, under torchrun, this rank's place (all_reduce: an in-place sum over ranks)."""
+
+    model: ContinualNet
+    task: int
+    x: Tensor
+    y: Tensor
+    mu: Tensor | None = None
+    k: int = 1
+    v: snv_core.ValueFn | None = None
+    seed: int = 0
+    args: argparse.Namespace = field(default_factory=lambda: flag_defaults())
+    rank: int = 0
+    world: int = 1
+    all_reduce: Callable[[Tensor], None] | None = None
+
+
+ScoreFn = Callable[[ScoreInput], Any]
+"""A neuron score: ScoreInput -> phi [N] float64, or a result with .phi [N] and .cost() (as snv_core.ShapleyResult)."""
+
+
+@dataclass(frozen=True)
+class Score:
+    """A registered neuron score and its own flags."""
+
+    fn: ScoreFn
+    flags: tuple[Flag, ...] = ()
+
+
+SCORES: dict[str, Score] = {}
+"""Every neuron score by name, in registration order (the order of tables and --help)."""
+METHODS: dict[str, type[Method]] = {}
+"""Every method by name, in registration order (the order of tables and --help)."""
+
+
+def register_score(name: str, *flags: Flag) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator: register `fn` as the neuron score `name` (with its own flags)."""
+    def register(fn: ScoreFn) -> ScoreFn:
+        if name in SCORES:
+            raise ValueError(f"a score named {name!r} is already registered")
+        SCORES[name] = Score(fn, flags)
+        return fn
+    return register
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a Method subclass under its `name`."""
+    if not cls.name or cls.name in METHODS:
+        raise ValueError(f"a method needs a unique name; {cls.name!r} is empty or already registered")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def all_flags() -> list[Flag]:
+    """The flags of every registered score and method, each once."""
+    flags = [f for s in SCORES.values() for f in s.flags] + [f for m in METHODS.values() for f in m.flags]
+    return list({f.name: f for f in flags}.values())
+
+
+def flag_defaults() -> argparse.Namespace:
+    """The default of every score's and method's flag (for a ScoreInput made outside a run)."""
+    return argparse.Namespace(**{f.dest: f.kwargs.get("default") for f in all_flags()})
+
+
+# ----------------------------------------------------------------------------- neuron scores
+
+def score(kind: str, inp: ScoreInput) -> ScoreResult | snv_core.ShapleyResult:
+    """The registered score `kind` on `inp`, with its cost (a plain phi is wrapped with its wall-clock time)."""
+    if kind not in SCORES:
+        raise ValueError(f"unknown importance {kind!r}: choose one of {', '.join(SCORES)}")
+    start = time.perf_counter()
+    res = SCORES[kind].fn(inp)
+    if isinstance(res, Tensor):
+        return ScoreResult(res, kind, time.perf_counter() - start)
+    return res
+
+
+def importance(kind: str, model: ContinualNet, task: int, x: Tensor, y: Tensor, mu: Tensor | None = None, *,
+               seed: int = 0, args: argparse.Namespace | None = None) -> Tensor:
+    """phi [N] float64 of a score that needs no V(S) (all but shapley) on (x, y); options default to the flags'."""
+    return score(kind, ScoreInput(model, task, x, y, mu, seed=seed, args=args or flag_defaults())).phi
+
+
+@dataclass
+class ScoreResult:
+    """A score's phi [N] and what it cost (duck-types snv_core.ShapleyResult)."""
+
+    phi: Tensor
+    importance: str
+    seconds: float
+
+    def cost(self) -> dict:
+        """The JSON-ready cost summary."""
+        return {"importance": self.importance, "seconds": round(self.seconds, 3)}
+
+
+@register_score(
+    "shapley",
+    Flag("--estimator", dict(choices=("snv", "neuron_shapley"), default="snv",
+                             help="snv: forward walks + truncation + z-bandit; neuron_shapley: reverse walks + "
+                                  "Bernstein bandit")),
+    Flag("--truncation", dict(type=float, default=0.1, help="tau: skip marginals while V(S) <= tau"), "[0, 1)"),
+    Flag("--confidence", dict(type=float, default=0.95, help="alpha of the bandit's z_alpha"), "(0, 1)"),
+    Flag("--bandit-threshold", dict(choices=("kth", "midpoint"), default="kth",
+                                    help="phi^(k): the k-th largest estimate (paper) or the midpoint of the k-th "
+                                         "and (k+1)-th")),
+    Flag("--max-permutations", dict(type=int, default=200, help="cap on Monte Carlo orderings per task"), ">= 1"),
+)
+def shapley(inp: ScoreInput) -> snv_core.ShapleyResult:
+    """Monte Carlo Shapley values phi_i of V(S) (Eq. 9), by SNV's estimator or Neuron Shapley's."""
+    if inp.v is None:
+        raise ValueError("the shapley score needs the value function V(S) (ScoreInput.v)")
+    a, n = inp.args, inp.model.num_neurons
+    kw = dict(max_orderings=a.max_permutations, seed=inp.seed, progress=getattr(a, "progress", False))
+    if a.estimator == "snv":
+        return snv_core.permutation_shapley(inp.v, n, inp.k, tau=a.truncation, alpha=a.confidence,
+                                            threshold=a.bandit_threshold, rank=inp.rank, world_size=inp.world,
+                                            all_reduce=inp.all_reduce, **kw)
+    return snv_core.neuron_shapley(inp.v, n, inp.k, **kw)
+
+
+@register_score("random")
+def random_score(inp: ScoreInput) -> Tensor:
+    """U(0, 1) per neuron, drawn from the seed."""
+    return torch.rand(inp.model.num_neurons, generator=torch.Generator().manual_seed(inp.seed), dtype=torch.float64)
+
+
+@register_score("magnitude", Flag("--magnitude-norm", dict(type=int, choices=(1, 2), default=1,
+                                                           help="p of the magnitude score ||W_i||_p")))
+def magnitude(inp: ScoreInput) -> Tensor:
+    """||incoming weight row||_p of each neuron."""
+    return torch.cat([layer.producer.weight.detach().flatten(1).norm(p=inp.args.magnitude_norm, dim=1).cpu()
+                      for layer in inp.model.layers]).double()
+
 
 def gate_outputs(model: ContinualNet, task: int, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
     """Per layer, in eval mode: the gate outputs a [B, n(, H, W)] on x and dL/da, L = summed cross-entropy of head `task`.
@@ -69,78 +210,34 @@ def gate_outputs(model: ContinualNet, task: int, x: Tensor, y: Tensor) -> tuple[
     return [a.detach() for a in acts], list(grads)
 
 
-def importance(kind: str, model: ContinualNet, task: int, x: Tensor, y: Tensor, mu: Tensor | None = None, *,
-               seed: int = 0, norm: int = 1) -> Tensor:
-    """A cheap per-neuron score [N] float64 (higher = more important) of head `task` on (x, y).
+def per_layer(inp: ScoreInput, formula: Callable[[Tensor, Tensor, Tensor | None], Tensor]) -> Tensor:
+    """[N] float64: formula(a [B, n, P], dL/da [B, n, P], mu [n] or None) -> [n] per layer (P = positions, 1 for a unit)."""
+    acts, grads = gate_outputs(inp.model, inp.task, inp.x, inp.y)
+    refs = inp.model.split_neurons(inp.mu.to(inp.x.device)) if inp.mu is not None else [None] * len(acts)
+    return torch.cat([formula(a.flatten(2) if a.dim() > 2 else a.unsqueeze(2),
+                              g.flatten(2) if g.dim() > 2 else g.unsqueeze(2), ref)
+                      for a, g, ref in zip(acts, grads, refs)]).double().cpu()
 
-    random: U(0, 1) from `seed`; magnitude: ||incoming weight row||_norm; activation: mean max(a, 0), the
-    neuron's ReLU output (a is the gate output, before the ReLU: a neuron that never fires scores 0);
-    taylor: mean over samples of |mean over positions of a * dL/da| (Molchanov et al. 2017);
-    gxd: mean over samples of |sum over positions of (a - mu) * dL/da|, the first-order loss change of
-    replacing the neuron by its mean mu [N] (SNV's removal).
-    """
-    if kind == "random":
-        return torch.rand(model.num_neurons, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    if kind == "magnitude":
-        return torch.cat([layer.producer.weight.detach().flatten(1).norm(p=norm, dim=1).cpu()
-                          for layer in model.layers]).double()
-    if kind not in ("activation", "taylor", "gxd"):
-        raise ValueError(f"unknown importance {kind!r}: choose one of {', '.join(IMPORTANCES[1:])}")
-    if kind == "gxd" and mu is None:
+
+@register_score("activation")
+def activation(inp: ScoreInput) -> Tensor:
+    """Mean max(a, 0): the neuron's ReLU output (a = the gate output, before the ReLU; one that never fires scores 0)."""
+    return per_layer(inp, lambda a, g, ref: a.clamp(min=0).mean(dim=(0, 2)))
+
+
+@register_score("taylor")
+def taylor(inp: ScoreInput) -> Tensor:
+    """Mean over samples of |mean over positions of a * dL/da| (Molchanov et al. 2017)."""
+    return per_layer(inp, lambda a, g, ref: (a * g).mean(2).abs().mean(0))
+
+
+@register_score("gxd")
+def gxd(inp: ScoreInput) -> Tensor:
+    """Mean over samples of |sum over positions of (a - mu) * dL/da|: the first-order loss change of replacing the
+    neuron by its mean mu (SNV's removal)."""
+    if inp.mu is None:
         raise ValueError("gxd needs the reference mu")
-    acts, grads = gate_outputs(model, task, x, y)
-    refs = model.split_neurons(mu.to(x.device)) if mu is not None else [None] * len(acts)
-    scores = []
-    for a, g, ref in zip(acts, grads, refs):
-        a, g = a.flatten(2) if a.dim() > 2 else a.unsqueeze(2), g.flatten(2) if g.dim() > 2 else g.unsqueeze(2)
-        if kind == "activation":
-            scores.append(a.clamp(min=0).mean(dim=(0, 2)))
-        elif kind == "taylor":
-            scores.append((a * g).mean(2).abs().mean(0))
-        else:
-            scores.append(((a - ref.view(1, -1, 1)) * g).sum(2).abs().mean(0))
-    return torch.cat(scores).double().cpu()
-
-
-@dataclass
-class ScoreResult:
-    """A cheap score phi [N] and what it cost (duck-types snv_core.ShapleyResult in train.select_neurons)."""
-
-    phi: Tensor
-    importance: str
-    seconds: float
-
-    def cost(self) -> dict:
-        """The JSON-ready cost summary."""
-        return {"importance": self.importance, "seconds": round(self.seconds, 3)}
-
-
-def score(kind: str, model: ContinualNet, task: int, x: Tensor, y: Tensor, mu: Tensor, *, seed: int = 0,
-          norm: int = 1) -> ScoreResult:
-    """`importance` with its wall-clock cost."""
-    start = time.perf_counter()
-    phi = importance(kind, model, task, x, y, mu, seed=seed, norm=norm)
-    return ScoreResult(phi, kind, time.perf_counter() - start)
-
-
-@torch.no_grad()
-def removal_effect(model: ContinualNet, task: int, x: Tensor, y: Tensor, mu: Tensor, chunk: int = 32) -> Tensor:
-    """[N] float64: mean over samples of |loss(all) - loss(all but i)|, neuron i replaced by mu_i (measured, not estimated)."""
-    was_training = model.training
-    model.eval()
-    n = model.num_neurons
-    base = F.cross_entropy(model(x, task), y, reduction="none")
-    effects = []
-    for start in range(0, n, chunk):
-        idx = torch.arange(start, min(start + chunk, n), device=x.device)
-        keeps = torch.ones(len(idx), n, dtype=torch.bool, device=x.device)
-        keeps[torch.arange(len(idx), device=x.device), idx] = False
-        with model.gated(keeps, mu.to(x.device)):
-            out = model(x.repeat(len(idx), *([1] * (x.dim() - 1))), task)
-        loss = F.cross_entropy(out, y.repeat(len(idx)), reduction="none").view(len(idx), -1)
-        effects.append((loss - base).abs().mean(1))
-    model.train(was_training)
-    return torch.cat(effects).double().cpu()
+    return per_layer(inp, lambda a, g, ref: ((a - ref.view(1, -1, 1)) * g).sum(2).abs().mean(0))
 
 
 # ----------------------------------------------------------------------------- neuron surgery (resets, Eidetic)
@@ -265,6 +362,8 @@ class Loop:
 
     task: int
     tasks: list[datasets.Task]
+    """Tasks 0..task (their data)."""
+    num_tasks: int
     device: torch.device
     eval_set: Callable[[], tuple[Tensor, Tensor]]
     """() -> (x, y): this task's fixed evaluation set (Shapley's), for data-driven scores."""
@@ -274,17 +373,52 @@ class Loop:
     """x -> [B, C]: this task's head through its subnetwork, if it has one."""
     loss: Callable[[Tensor, Tensor], Tensor]
     """(x, y) -> the scenario's training loss of this task on a batch."""
+    rank: int = 0
+    world: int = 1
+    all_reduce: Callable[[Tensor], None] | None = None
+    """Under torchrun: this rank, the number of ranks, an in-place sum over ranks (None in one process)."""
 
 
 class Method:
-    """No-op hooks (SNV, SGD, joint); each baseline overrides the ones it needs."""
+    """A continual-learning method's hooks; the base class trains the current task plainly and freezes nothing."""
 
-    per_task = False
+    name: ClassVar[str] = ""
+    """--method NAME; results folders and tables use it."""
+    label: ClassVar[str] = ""
+    """Its row label in the report."""
+    help: ClassVar[str] = ""
+    """One line for --help."""
+    scenarios: ClassVar[tuple[str, ...]] = SCENARIOS
+    importances: ClassVar[tuple[str, ...] | None] = ()
+    """The --importance scores it accepts, its default first; None = every registered score, shapley first."""
+    flags: ClassVar[tuple[Flag, ...]] = ()
+    freezes_heads: ClassVar[bool] = False
+    """Finished tasks' heads are frozen."""
+    freezes_neurons: ClassVar[bool] = False
+    """It keeps a frozen-neuron set B_t (reported as CAP)."""
+    resumable: ClassVar[bool] = False
+    """A checkpoint holds its whole state: --resume continues it and torchrun can run it."""
+    resettable: ClassVar[bool] = False
+    """--reset gxd may be combined with it (it owns no weights and reinitialises nothing itself)."""
+    per_task: ClassVar[bool] = False
     """True: every head runs through its own task's network, so heads cannot share one feature pass (CIL)."""
+    records_key: ClassVar[str] = "method_records"
+    """The results-file key of its per-task records."""
 
-    def __init__(self) -> None:
+    def __init__(self, args: argparse.Namespace | None = None, model: ContinualNet | None = None,
+                 seed: int = 0) -> None:
+        self.args, self.seed = args, seed
         self.task = 0
         self.records: list[dict] = []
+
+    @classmethod
+    def default_importance(cls) -> str | None:
+        """The score --importance defaults to (None: the method takes no score)."""
+        return next(iter(SCORES)) if cls.importances is None else next(iter(cls.importances), None)
+
+    def data_tasks(self, task: int) -> list[int]:
+        """The tasks whose training data train task `task`."""
+        return [task]
 
     def before_task(self, task: int, model: ContinualNet) -> None:
         """Called after head `task` is added, before it is trained."""
@@ -302,129 +436,210 @@ class Method:
         """Called after every optimizer step (gradients still in .grad)."""
 
     def after_task(self, model: ContinualNet, state: State, loop: Loop) -> None:
-        """Called once task `loop.task` is trained (and, for SNV, selected), before it is evaluated."""
+        """Called once task `loop.task` is trained, before it is evaluated (selection, pruning, consolidation)."""
 
     def route(self, model: ContinualNet, x: Tensor, logits: Tensor, upto: int) -> Tensor:
         """CIL evaluation logits [B, (upto+1) C] after task routing."""
         return logits
 
 
-class EWC(Method):
-    """Elastic Weight Consolidation (Kirkpatrick et al. 2017), online form: (lambda/2) sum_i F_i (theta_i - theta*_i)^2.
+@dataclass
+class State:
+    """What the loop carries between tasks: B_t, for masked inference each task's subnetwork, the method's hooks."""
 
-    F = sum over finished tasks of the diagonal empirical Fisher (batch gradients squared, FACIL's
-    approximation, with the true labels); theta* = the weights after the last task.
-    """
+    frozen: Tensor
+    subnets: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    method: Method = field(default_factory=Method)
 
-    def __init__(self, args: argparse.Namespace, model: ContinualNet, seed: int) -> None:
-        super().__init__()
-        self.args = args
-        self.fisher: dict[str, Tensor] = {}
-        self.anchor: dict[str, Tensor] = {}
 
-    def penalty(self, model: ContinualNet, x: Tensor, task: int) -> Tensor | float:
-        if not self.fisher:
-            return 0.0
-        return self.args.ewc_lambda / 2 * sum((self.fisher[n] * (p - self.anchor[n]) ** 2).sum()
-                                              for n, p in model.named_parameters() if n in self.fisher)
+@register_method
+class Joint(Method):
+    """The upper bound: task t trains on the data of tasks 1..t (the tasks take turns, one batch each)."""
+
+    name, label, help = "joint", "Joint (upper bound)", "the joint-training upper bound"
+    resumable = True
+
+    def data_tasks(self, task: int) -> list[int]:
+        return list(range(task + 1))
+
+
+@register_method
+class SGD(Method):
+    """The lower bound: plain fine-tuning on each task in turn."""
+
+    name, label, help = "sgd", "SGD (lower bound)", "the fine-tuning lower bound"
+    resumable = resettable = True
+
+
+@register_method
+class SNV(Method):
+    """Shapley Neuron Valuation: after training task t, mu on its validation data, phi by --importance (Monte Carlo
+    Shapley), S_t = top-k(phi) with k = floor(c N), B_t = B_{t-1} u S_t. Masked inference: task t runs through its
+    subnetwork (members of B_t kept, the others = mu), first trained through it for --mask-finetune-epochs."""
+
+    name, label, help = "snv", "SNV", "Shapley Neuron Valuation (the paper)"
+    importances = None
+    flags = (Flag("--inference", dict(choices=("masked", "dense"), default="masked",
+                                      help="snv: masked = task t runs through its subnetwork (Eq. 1); dense = the "
+                                           "paper-literal full network")),)
+    freezes_heads = freezes_neurons = resumable = resettable = True
+    records_key = "shapley"
 
     def after_task(self, model: ContinualNet, state: State, loop: Loop) -> None:
-        batches = loop.tasks[loop.task].train.batches(self.args.batch_size, device=loop.device)
-        for n, f in empirical_fisher(model, batches, loop.loss).items():
-            self.fisher[n] = self.fisher[n] + f if n in self.fisher else f
-        self.anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+        args, t = self.args, loop.task
+        mu, selected, record = self.select(model, state, loop)
+        members = state.frozen | selected
+        if args.inference == "masked":
+            state.subnets.append((members.to(loop.device), mu.to(loop.device)))
+            if args.mask_finetune_epochs > 0:
+                keeper = snv_core.Freezer(model, ~members.to(loop.device), 0)
+                record["mask_finetune_epochs"] = loop.retrain(args.mask_finetune_epochs,
+                                                              f"task {t + 1}/{loop.num_tasks} (mask)")
+                keeper.restore()
+        state.frozen = members
+        record["frozen_total"] = int(members.sum())
+        record["frozen_per_layer"] = snv_core.layer_counts(model, members)
+        self.records.append(record)
+
+    def select(self, model: ContinualNet, state: State, loop: Loop) -> tuple[Tensor, Tensor, dict]:
+        """mu [N], S_t [N] bool and the task's record: phi by --importance on the task's evaluation set."""
+        args, t, n = self.args, loop.task, model.num_neurons
+        k = snv_core.capacity_k(args.sparsity, n)
+        mu = snv_core.mean_activations(model, loop.tasks[t].val.batches(args.eval_batch_size, device=loop.device))
+        x, y = loop.eval_set()
+        v = snv_core.MaskedAccuracy(model, t, x, y, mu, impl=args.shapley_impl)
+        res = score(args.importance, ScoreInput(model, t, x, y, mu, k, v, seed=self.seed * 1000 + t, args=args,
+                                                rank=loop.rank, world=loop.world, all_reduce=loop.all_reduce))
+        selected = snv_core.top_k(res.phi, k)
+        record = {**res.cost(), "k": k, "selected": int(selected.sum()),
+                  "newly_frozen": int((selected & ~state.frozen).sum()),
+                  "v_full": float(v(torch.ones(1, n, dtype=torch.bool))[0]),
+                  "v_members": float(v((state.frozen | selected).unsqueeze(0))[0]),
+                  "selected_per_layer": snv_core.layer_counts(model, selected),
+                  "phi": [round(float(p), 6) for p in res.phi]}
+        return mu, selected, record
 
 
-def empirical_fisher(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
-                     loss: Callable[[Tensor, Tensor], Tensor]) -> dict[str, Tensor]:
-    """Diagonal empirical Fisher per parameter: sum over batches of B (dL/dtheta)^2 / #samples, in eval mode."""
-    was_training = model.training
-    model.eval()
-    params = dict(model.named_parameters())
-    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    count = 0
-    for x, y in batches:
-        grads = torch.autograd.grad(loss(x, y), list(params.values()), allow_unused=True)
-        for n, g in zip(params, grads):
-            if g is not None:
-                fisher[n] += g.pow(2) * len(y)
-        count += len(y)
-    model.train(was_training)
-    return {n: f / max(count, 1) for n, f in fisher.items()}
+class WeightMasks(Method):
+    """Weight-level subnetworks (PackNet, WSN): finished task j runs with W * mask_j and its own BatchNorm copy.
 
-
-class SI(Method):
-    """Synaptic Intelligence (Zenke et al. 2017): c sum_i Omega_i (theta_i - theta*_i)^2.
-
-    omega_i accumulates -g_i Delta theta_i along the trajectory (g = gradient of the task loss alone);
-    after each task Omega_i += max(0, omega_i / (Delta_i^2 + xi)), Delta = the task's total change.
+    Weights in a finished task's mask are frozen (restored after every step); producer biases train in
+    task 1 only. Subclasses define the current task's weights (`current`) and its final mask.
     """
 
+    per_task = freezes_heads = True
+
     def __init__(self, args: argparse.Namespace, model: ContinualNet, seed: int) -> None:
-        super().__init__()
-        self.args = args
-        self.omega: dict[str, Tensor] = {}
-        self.anchor: dict[str, Tensor] = {}
-        self.path: dict[str, Tensor] = {}
-        self.start: dict[str, Tensor] = {}
-        self.before: dict[str, Tensor] = {}
+        super().__init__(args, model, seed)
+        weights = {id(layer.producer.weight) for layer in model.layers}
+        biases = {id(layer.producer.bias) for layer in model.layers if layer.producer.bias is not None}
+        self.names = [n for n, p in model.named_parameters() if id(p) in weights]
+        self.bias_names = [n for n, p in model.named_parameters() if id(p) in biases]
+        self.norm_names = [f"{prefix}.{n}" for prefix, module in model.named_modules()
+                           if isinstance(module, nn.BatchNorm2d) for n in module.state_dict()]
+        self.used = {n: torch.zeros_like(model.get_parameter(n), dtype=torch.bool) for n in self.names}
+        self.masks: list[dict[str, Tensor]] = []
+        self.norms: list[dict[str, Tensor]] = []
+        self.frozen: dict[str, Tensor] = {}
+        self.saved: dict[str, Tensor] = {}
 
-    def before_task(self, task: int, model: ContinualNet) -> None:
-        super().before_task(task, model)
-        self.start = {n: p.detach().clone() for n, p in model.named_parameters()}
-        self.path = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    def current(self, model: ContinualNet) -> dict[str, Tensor]:
+        """Overrides of the producer weights for the task being trained ({} = the plain weights)."""
+        return {}
 
-    def penalty(self, model: ContinualNet, x: Tensor, task: int) -> Tensor | float:
-        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        if not self.omega:
-            return 0.0
-        return self.args.si_c * sum((self.omega[n] * (p - self.anchor[n]) ** 2).sum()
-                                    for n, p in model.named_parameters() if n in self.omega)
+    def forward(self, model: ContinualNet, x: Tensor, task: int) -> Tensor:
+        if task < len(self.masks):
+            overrides = {n: model.get_parameter(n) * m for n, m in self.masks[task].items()} | self.norms[task]
+        else:
+            overrides = self.current(model)
+        return functional_call(model, overrides, (x, task)) if overrides else model(x, task)
 
     @torch.no_grad()
     def after_step(self, model: ContinualNet) -> None:
-        for n, p in model.named_parameters():
-            if p.grad is None or n not in self.before:
-                continue
-            grad = p.grad
-            if n in self.omega:
-                grad = grad - 2 * self.args.si_c * self.omega[n] * (self.before[n] - self.anchor[n])
-            self.path[n] -= grad * (p - self.before[n])
+        for n, mask in self.frozen.items():
+            p = model.get_parameter(n)
+            p.copy_(torch.where(mask, self.saved[n], p))
 
-    def after_task(self, model: ContinualNet, state: State, loop: Loop) -> None:
-        for n, p in model.named_parameters():
-            w = (self.path[n] / ((p.detach() - self.start[n]) ** 2 + SI_DAMPING)).clamp(min=0)
-            self.omega[n] = self.omega[n] + w if n in self.omega else w
-        self.anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    def finish(self, model: ContinualNet, mask: dict[str, Tensor]) -> None:
+        """Store task's mask [per weight] and BatchNorm; freeze every weight in any mask so far, and the biases."""
+        self.masks.append(mask)
+        self.used = {n: self.used[n] | mask[n] for n in self.names}
+        state = model.state_dict()
+        self.norms.append({n: state[n].clone() for n in self.norm_names})
+        self.frozen = self.used | {n: torch.ones_like(state[n], dtype=torch.bool) for n in self.bias_names}
+        self.saved = {n: state[n].clone() for n in self.frozen}
+        self.records.append({"task": self.task + 1, "mask_weights": sum(int(m.sum()) for m in mask.values()),
+                             "used_weights": sum(int(u.sum()) for u in self.used.values()),
+                             "total_weights": sum(u.numel() for u in self.used.values())})
 
 
-class LwF(Method):
-    """Learning without Forgetting (Li & Hoiem 2017): alpha * distillation(old heads, frozen copy of the previous model).
-
-    As in FACIL, the old heads' logits are concatenated into one softmax at temperature T.
+@register_method
+class PackNet(WeightMasks):
+    """PackNet (Mallya & Lazebnik 2018): after each task prune --packnet-prune of each layer's free weights by
+    magnitude (to 0, free again for later tasks), retrain the rest --mask-finetune-epochs, then freeze them.
+    Task j runs with every weight owned by tasks 1..j.
     """
 
+    name, label, help = "packnet", "PackNet", "PackNet: magnitude pruning and weight freezing (Mallya & Lazebnik 2018)"
+    flags = (Flag("--packnet-prune", dict(type=float, default=0.75,
+                                          help="packnet: fraction of each layer's free weights pruned after each task "
+                                               "(then --mask-finetune-epochs retraining)"), "(0, 1)"),)
+
     def __init__(self, args: argparse.Namespace, model: ContinualNet, seed: int) -> None:
-        super().__init__()
-        self.args = args
-        self.teacher: ContinualNet | None = None
+        super().__init__(args, model, seed)
+        self.pending: dict[str, Tensor] | None = None
 
-    def before_task(self, task: int, model: ContinualNet) -> None:
-        super().before_task(task, model)
-        if task > 0:
-            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    def current(self, model: ContinualNet) -> dict[str, Tensor]:
+        if self.pending is None:
+            return {}
+        return {n: model.get_parameter(n) * m for n, m in self.pending.items()}
 
-    def penalty(self, model: ContinualNet, x: Tensor, task: int) -> Tensor | float:
-        if self.teacher is None:
-            return 0.0
+    def after_task(self, model: ContinualNet, state: State, loop: Loop) -> None:
+        keep = {}
         with torch.no_grad():
-            feats = self.teacher.features(x)
-            target = torch.cat([self.teacher.heads[i](feats) for i in range(self.task)], 1)
-        feats = model.features(x)
-        out = torch.cat([model.heads[i](feats) for i in range(self.task)], 1)
-        return self.args.lwf_alpha * distillation(out, target, self.args.lwf_temperature)
+            for n in self.names:
+                p, free = model.get_parameter(n), ~self.used[n]
+                kept = top_fraction(p.abs(), 1 - self.args.packnet_prune, among=free)
+                p[free & ~kept] = 0.0
+                keep[n] = self.used[n] | kept
+        self.pending = keep
+        if self.args.mask_finetune_epochs > 0:
+            loop.retrain(self.args.mask_finetune_epochs, f"task {loop.task + 1} (packnet retrain)")
+        self.pending = None
+        self.finish(model, keep)
 
 
+@register_method
+class WSN(WeightMasks):
+    """Winning SubNetworks (Kang et al. 2022): task t uses W * m_t, m_t = the top --sparsity (c) of each layer's
+    learned scores |s| (straight-through gradient), the scores persisting across tasks; weights in an
+    earlier task's mask are reused frozen. Task-incremental only.
+    """
+
+    name, label, help = "wsn", "WSN", "Winning SubNetworks: learned weight masks (Kang et al. 2022), task-incremental"
+    scenarios = ("task_il",)
+
+    def __init__(self, args: argparse.Namespace, model: ContinualNet, seed: int) -> None:
+        super().__init__(args, model, seed)
+        scores = nn.ParameterList()
+        for n in self.names:
+            s = torch.empty_like(model.get_parameter(n))
+            nn.init.kaiming_uniform_(s, a=math.sqrt(5))
+            scores.append(nn.Parameter(s))
+        model.add_module("wsn_scores", scores)
+
+    def current(self, model: ContinualNet) -> dict[str, Tensor]:
+        overrides = {}
+        for n, s in zip(self.names, model.wsn_scores):
+            a = s.abs()
+            overrides[n] = model.get_parameter(n) * (top_fraction(a, self.args.sparsity) + a - a.detach())
+        return overrides
+
+    def after_task(self, model: ContinualNet, state: State, loop: Loop) -> None:
+        self.finish(model, {n: top_fraction(s.abs(), self.args.sparsity) for n, s in zip(self.names, model.wsn_scores)})
+
+
+@register_method
 class Eidetic(Method):
     """Eidetic Learning (Dronen & Balestriero 2025) on SNV's gates and Freezer.
 
@@ -438,9 +653,27 @@ class Eidetic(Method):
     features) is retrained after every task on the training data of every task seen so far.
     """
 
+    name, label, help = "eidetic", "Eidetic", "Eidetic Learning: prune, freeze, cut, route (Dronen & Balestriero 2025)"
+    importances = ("taylor", "magnitude")
+    flags = (
+        Flag("--eidetic-step", dict(type=float, default=0.05, help="eidetic: fraction of each layer's neurons pruned "
+                                                                   "per step"), "(0, 1]"),
+        Flag("--eidetic-threshold", dict(type=float, default=0.01, help="eidetic: stop pruning once accuracy < "
+                                                                        "unpruned accuracy - threshold (absolute)"),
+             "[0, 1]"),
+        Flag("--eidetic-stop-split", dict(choices=("train", "val"), default="train",
+                                          help="eidetic: split of the stopping accuracy")),
+        Flag("--eidetic-recovery-epochs", dict(type=int, default=5, help="eidetic: max epochs of recovery training "
+                                                                         "after each pruning step (stops once above "
+                                                                         "the threshold)"), ">= 0"),
+        Flag("--eidetic-router-epochs", dict(type=int, default=3, help="eidetic, class_il: epochs of the task router "
+                                                                       "on the training data of every task seen so "
+                                                                       "far"), ">= 1"),
+    )
+    freezes_heads = freezes_neurons = True
+
     def __init__(self, args: argparse.Namespace, model: ContinualNet, seed: int) -> None:
-        super().__init__()
-        self.args, self.seed = args, seed
+        super().__init__(args, model, seed)
         self.router: nn.Linear | None = None
 
     def after_task(self, model: ContinualNet, state: State, loop: Loop) -> None:
@@ -458,7 +691,7 @@ class Eidetic(Method):
         state.subnets.append(((state.frozen | kept).to(loop.device), zeros))
         while True:
             with model.gated(*state.subnets[t]):
-                scores = importance(args.importance, model, t, x, y, norm=args.magnitude_norm)
+                scores = importance(args.importance, model, t, x, y, args=args)
             candidate = prune_step(scores, kept, model.layer_sizes, args.eidetic_step)
             if torch.equal(candidate, kept):
                 break
@@ -526,276 +759,188 @@ class Eidetic(Method):
         return logits.view(len(x), upto + 1, -1).masked_fill(~keep, -math.inf).view_as(logits)
 
 
-class WeightMasks(Method):
-    """Weight-level subnetworks (PackNet, WSN): finished task j runs with W * mask_j and its own BatchNorm copy.
+@register_method
+class EWC(Method):
+    """Elastic Weight Consolidation (Kirkpatrick et al. 2017), online form: (lambda/2) sum_i F_i (theta_i - theta*_i)^2.
 
-    Weights in a finished task's mask are frozen (restored after every step); producer biases train in
-    task 1 only. Subclasses define the current task's weights (`current`) and its final mask.
+    F = sum over finished tasks of the diagonal empirical Fisher (batch gradients squared, FACIL's
+    approximation, with the true labels); theta* = the weights after the last task.
     """
 
-    per_task = True
+    name, label, help = "ewc", "EWC", "Elastic Weight Consolidation (Kirkpatrick et al. 2017)"
+    flags = (Flag("--ewc-lambda", dict(type=float, default=5000.0, help="ewc: penalty weight"), ">= 0"),)
+    resettable = True
 
     def __init__(self, args: argparse.Namespace, model: ContinualNet, seed: int) -> None:
-        super().__init__()
-        self.args = args
-        weights = {id(layer.producer.weight) for layer in model.layers}
-        biases = {id(layer.producer.bias) for layer in model.layers if layer.producer.bias is not None}
-        self.names = [n for n, p in model.named_parameters() if id(p) in weights]
-        self.bias_names = [n for n, p in model.named_parameters() if id(p) in biases]
-        self.norm_names = [f"{prefix}.{n}" for prefix, module in model.named_modules()
-                           if isinstance(module, nn.BatchNorm2d) for n in module.state_dict()]
-        self.used = {n: torch.zeros_like(model.get_parameter(n), dtype=torch.bool) for n in self.names}
-        self.masks: list[dict[str, Tensor]] = []
-        self.norms: list[dict[str, Tensor]] = []
-        self.frozen: dict[str, Tensor] = {}
-        self.saved: dict[str, Tensor] = {}
+        super().__init__(args, model, seed)
+        self.fisher: dict[str, Tensor] = {}
+        self.anchor: dict[str, Tensor] = {}
 
-    def current(self, model: ContinualNet) -> dict[str, Tensor]:
-        """Overrides of the producer weights for the task being trained ({} = the plain weights)."""
-        return {}
+    def penalty(self, model: ContinualNet, x: Tensor, task: int) -> Tensor | float:
+        if not self.fisher:
+            return 0.0
+        return self.args.ewc_lambda / 2 * sum((self.fisher[n] * (p - self.anchor[n]) ** 2).sum()
+                                              for n, p in model.named_parameters() if n in self.fisher)
 
-    def forward(self, model: ContinualNet, x: Tensor, task: int) -> Tensor:
-        if task < len(self.masks):
-            overrides = {n: model.get_parameter(n) * m for n, m in self.masks[task].items()} | self.norms[task]
-        else:
-            overrides = self.current(model)
-        return functional_call(model, overrides, (x, task)) if overrides else model(x, task)
+    def after_task(self, model: ContinualNet, state: State, loop: Loop) -> None:
+        batches = loop.tasks[loop.task].train.batches(self.args.batch_size, device=loop.device)
+        for n, f in empirical_fisher(model, batches, loop.loss).items():
+            self.fisher[n] = self.fisher[n] + f if n in self.fisher else f
+        self.anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def empirical_fisher(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
+                     loss: Callable[[Tensor, Tensor], Tensor]) -> dict[str, Tensor]:
+    """Diagonal empirical Fisher per parameter: sum over batches of B (dL/dtheta)^2 / #samples, in eval mode."""
+    was_training = model.training
+    model.eval()
+    params = dict(model.named_parameters())
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    count = 0
+    for x, y in batches:
+        grads = torch.autograd.grad(loss(x, y), list(params.values()), allow_unused=True)
+        for n, g in zip(params, grads):
+            if g is not None:
+                fisher[n] += g.pow(2) * len(y)
+        count += len(y)
+    model.train(was_training)
+    return {n: f / max(count, 1) for n, f in fisher.items()}
+
+
+@register_method
+class SI(Method):
+    """Synaptic Intelligence (Zenke et al. 2017): c sum_i Omega_i (theta_i - theta*_i)^2.
+
+    omega_i accumulates -g_i Delta theta_i along the trajectory (g = gradient of the task loss alone);
+    after each task Omega_i += max(0, omega_i / (Delta_i^2 + xi)), Delta = the task's total change.
+    """
+
+    name, label, help = "si", "SI", "Synaptic Intelligence (Zenke et al. 2017)"
+    flags = (Flag("--si-c", dict(type=float, default=1.0, help="si: penalty weight c"), ">= 0"),)
+    resettable = True
+
+    def __init__(self, args: argparse.Namespace, model: ContinualNet, seed: int) -> None:
+        super().__init__(args, model, seed)
+        self.omega: dict[str, Tensor] = {}
+        self.anchor: dict[str, Tensor] = {}
+        self.path: dict[str, Tensor] = {}
+        self.start: dict[str, Tensor] = {}
+        self.before: dict[str, Tensor] = {}
+
+    def before_task(self, task: int, model: ContinualNet) -> None:
+        super().before_task(task, model)
+        self.start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.path = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+
+    def penalty(self, model: ContinualNet, x: Tensor, task: int) -> Tensor | float:
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        if not self.omega:
+            return 0.0
+        return self.args.si_c * sum((self.omega[n] * (p - self.anchor[n]) ** 2).sum()
+                                    for n, p in model.named_parameters() if n in self.omega)
 
     @torch.no_grad()
     def after_step(self, model: ContinualNet) -> None:
-        for n, mask in self.frozen.items():
-            p = model.get_parameter(n)
-            p.copy_(torch.where(mask, self.saved[n], p))
+        for n, p in model.named_parameters():
+            if p.grad is None or n not in self.before:
+                continue
+            grad = p.grad
+            if n in self.omega:
+                grad = grad - 2 * self.args.si_c * self.omega[n] * (self.before[n] - self.anchor[n])
+            self.path[n] -= grad * (p - self.before[n])
 
-    def finish(self, model: ContinualNet, mask: dict[str, Tensor]) -> None:
-        """Store task's mask [per weight] and BatchNorm; freeze every weight in any mask so far, and the biases."""
-        self.masks.append(mask)
-        self.used = {n: self.used[n] | mask[n] for n in self.names}
-        state = model.state_dict()
-        self.norms.append({n: state[n].clone() for n in self.norm_names})
-        self.frozen = self.used | {n: torch.ones_like(state[n], dtype=torch.bool) for n in self.bias_names}
-        self.saved = {n: state[n].clone() for n in self.frozen}
-        self.records.append({"task": self.task + 1, "mask_weights": sum(int(m.sum()) for m in mask.values()),
-                             "used_weights": sum(int(u.sum()) for u in self.used.values()),
-                             "total_weights": sum(u.numel() for u in self.used.values())})
+    def after_task(self, model: ContinualNet, state: State, loop: Loop) -> None:
+        for n, p in model.named_parameters():
+            w = (self.path[n] / ((p.detach() - self.start[n]) ** 2 + SI_DAMPING)).clamp(min=0)
+            self.omega[n] = self.omega[n] + w if n in self.omega else w
+        self.anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-class PackNet(WeightMasks):
-    """PackNet (Mallya & Lazebnik 2018): after each task prune --packnet-prune of each layer's free weights by
-    magnitude (to 0, free again for later tasks), retrain the rest --mask-finetune-epochs, then freeze them.
-    Task j runs with every weight owned by tasks 1..j.
+@register_method
+class LwF(Method):
+    """Learning without Forgetting (Li & Hoiem 2017): alpha * distillation(old heads, frozen copy of the previous model).
+
+    As in FACIL, the old heads' logits are concatenated into one softmax at temperature T.
     """
+
+    name, label, help = "lwf", "LwF", "Learning without Forgetting (Li & Hoiem 2017)"
+    flags = (Flag("--lwf-alpha", dict(type=float, default=1.0, help="lwf: distillation weight"), ">= 0"),
+             Flag("--lwf-temperature", dict(type=float, default=2.0, help="lwf: distillation temperature T"), "> 0"))
+    resettable = True
 
     def __init__(self, args: argparse.Namespace, model: ContinualNet, seed: int) -> None:
         super().__init__(args, model, seed)
-        self.pending: dict[str, Tensor] | None = None
+        self.teacher: ContinualNet | None = None
 
-    def current(self, model: ContinualNet) -> dict[str, Tensor]:
-        if self.pending is None:
-            return {}
-        return {n: model.get_parameter(n) * m for n, m in self.pending.items()}
+    def before_task(self, task: int, model: ContinualNet) -> None:
+        super().before_task(task, model)
+        if task > 0:
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
 
-    def after_task(self, model: ContinualNet, state: State, loop: Loop) -> None:
-        keep = {}
+    def penalty(self, model: ContinualNet, x: Tensor, task: int) -> Tensor | float:
+        if self.teacher is None:
+            return 0.0
         with torch.no_grad():
-            for n in self.names:
-                p, free = model.get_parameter(n), ~self.used[n]
-                kept = top_fraction(p.abs(), 1 - self.args.packnet_prune, among=free)
-                p[free & ~kept] = 0.0
-                keep[n] = self.used[n] | kept
-        self.pending = keep
-        if self.args.mask_finetune_epochs > 0:
-            loop.retrain(self.args.mask_finetune_epochs, f"task {loop.task + 1} (packnet retrain)")
-        self.pending = None
-        self.finish(model, keep)
-
-
-class WSN(WeightMasks):
-    """Winning SubNetworks (Kang et al. 2022): task t uses W * m_t, m_t = the top --sparsity (c) of each layer's
-    learned scores |s| (straight-through gradient), the scores persisting across tasks; weights in an
-    earlier task's mask are reused frozen. Task-incremental only.
-    """
-
-    def __init__(self, args: argparse.Namespace, model: ContinualNet, seed: int) -> None:
-        super().__init__(args, model, seed)
-        scores = nn.ParameterList()
-        for n in self.names:
-            s = torch.empty_like(model.get_parameter(n))
-            nn.init.kaiming_uniform_(s, a=math.sqrt(5))
-            scores.append(nn.Parameter(s))
-        model.add_module("wsn_scores", scores)
-
-    def current(self, model: ContinualNet) -> dict[str, Tensor]:
-        overrides = {}
-        for n, s in zip(self.names, model.wsn_scores):
-            a = s.abs()
-            overrides[n] = model.get_parameter(n) * (top_fraction(a, self.args.sparsity) + a - a.detach())
-        return overrides
-
-    def after_task(self, model: ContinualNet, state: State, loop: Loop) -> None:
-        self.finish(model, {n: top_fraction(s.abs(), self.args.sparsity) for n, s in zip(self.names, model.wsn_scores)})
-
-
-BASELINES: dict[str, type[Method]] = {"eidetic": Eidetic, "packnet": PackNet, "wsn": WSN, "ewc": EWC, "si": SI,
-                                      "lwf": LwF}
+            feats = self.teacher.features(x)
+            target = torch.cat([self.teacher.heads[i](feats) for i in range(self.task)], 1)
+        feats = model.features(x)
+        out = torch.cat([model.heads[i](feats) for i in range(self.task)], 1)
+        return self.args.lwf_alpha * distillation(out, target, self.args.lwf_temperature)
 
 
 def build_method(args: argparse.Namespace, model: ContinualNet, seed: int) -> Method:
-    """The hooks of args.method (no-ops for snv, sgd and joint)."""
-    return BASELINES[args.method](args, model, seed) if args.method in BASELINES else Method()
+    """The hooks of args.method."""
+    return METHODS[args.method](args, model, seed)
 
 
 # ----------------------------------------------------------------------------- command line
 
-def add_arguments(add: Callable[..., None]) -> None:
-    """The baselines' and ablations' options, added to train.py's parser through its `add`."""
-    add("--importance", choices=IMPORTANCES, default=None,
-        help="neuron score: snv's top-k (default shapley = SNV; others are ablations) or eidetic's pruning "
-             "(magnitude or taylor, default taylor)")
-    add("--magnitude-norm", type=int, choices=(1, 2), default=1, help="p of the magnitude score ||W_i||_p")
-    add("--reset", choices=("none", "gxd"), default="none",
-        help="gxd: before each new task, He-reinitialise the plastic neurons of lowest GXD utility")
-    add("--reset-rate", type=float, default=0.1, help="--reset gxd: fraction of the plastic neurons reset per task")
-    add("--eidetic-step", type=float, default=0.05, help="fraction of each layer's neurons pruned per step")
-    add("--eidetic-threshold", type=float, default=0.01,
-        help="stop pruning once accuracy < unpruned accuracy - threshold (absolute)")
-    add("--eidetic-stop-split", choices=("train", "val"), default="train", help="split of the stopping accuracy")
-    add("--eidetic-recovery-epochs", type=int, default=5,
-        help="max epochs of recovery training after each pruning step (stops once above the threshold)")
-    add("--eidetic-router-epochs", type=int, default=3,
-        help="class_il: epochs of the task router on the training data of every task seen so far")
-    add("--ewc-lambda", type=float, default=5000.0, help="EWC penalty weight")
-    add("--si-c", type=float, default=1.0, help="SI penalty weight c")
-    add("--lwf-alpha", type=float, default=1.0, help="LwF distillation weight")
-    add("--lwf-temperature", type=float, default=2.0, help="LwF distillation temperature T")
-    add("--packnet-prune", type=float, default=0.75,
-        help="fraction of each layer's free weights pruned after each task (then --mask-finetune-epochs retraining)")
+def method_help() -> str:
+    """--method's help: every registered method's one line."""
+    return "; ".join(f"{name}: {m.help}" for name, m in METHODS.items())
 
 
-RANGES = (("--reset-rate", "(0, 1]"), ("--eidetic-step", "(0, 1]"), ("--eidetic-threshold", "[0, 1]"),
-          ("--eidetic-recovery-epochs", ">= 0"), ("--eidetic-router-epochs", ">= 1"), ("--ewc-lambda", ">= 0"),
-          ("--si-c", ">= 0"), ("--lwf-alpha", ">= 0"), ("--lwf-temperature", "> 0"), ("--packnet-prune", "(0, 1)"))
-"""The baselines' numeric flags and their allowed values (checked by train.in_range)."""
+def importance_help() -> str:
+    """--importance's help: the scores each method that takes one accepts, and its default."""
+    return "the neuron score of a method that takes one (" + "; ".join(
+        f"{name}: {', '.join(m.importances or SCORES)}, default {m.default_importance()}"
+        for name, m in METHODS.items() if m.importances != ()) + ")"
+
+
+def flag_ranges() -> tuple[tuple[str, str], ...]:
+    """(flag, allowed) of every registered numeric flag (checked by train.in_range)."""
+    return tuple((f.name, f.allowed) for f in all_flags() if f.allowed is not None)
 
 
 def resolve_args(args: argparse.Namespace) -> list[tuple[bool, str]]:
-    """Fill --importance's per-method default; return (ok, message) checks of the baselines' other options."""
-    given = args.importance
-    args.importance = given or DEFAULT_IMPORTANCE.get(args.method)
+    """Fill --importance's per-method default; return (ok, message) checks of the method's options."""
+    method, given = METHODS[args.method], args.importance
+    args.importance = given or method.default_importance()
+    accepted = tuple(SCORES) if method.importances is None else method.importances
     return [
-        (given is None or args.method in DEFAULT_IMPORTANCE,
-         f"--importance applies to --method snv or eidetic, not {args.method}"),
-        (args.method != "eidetic" or args.importance in ("magnitude", "taylor"),
-         f"--method eidetic prunes by --importance magnitude or taylor, not {args.importance}"),
-        (args.method != "wsn" or args.scenario == "task_il",
-         "--method wsn is task-incremental only (a task's weight mask needs its task id): use --scenario task_il"),
-        (args.reset == "none" or args.method in RESET_METHODS,
-         f"--reset gxd applies to --method {', '.join(RESET_METHODS)}, not {args.method}"),
-        (args.world_size == 1 or resumable(args),
-         "the baselines and --reset run in a single process only: run without torchrun"),
+        (given is None or given in accepted,
+         f"--method {args.method} takes no --importance" if not accepted else
+         f"--method {args.method} takes --importance {' or '.join(accepted)}, not {given}"),
+        (args.scenario in method.scenarios,
+         f"--method {args.method} supports --scenario {' or '.join(method.scenarios)} only, not {args.scenario}"),
+        (args.reset == "none" or method.resettable,
+         f"--reset gxd applies to --method {', '.join(n for n, m in METHODS.items() if m.resettable)}, "
+         f"not {args.method}"),
+        (args.world_size == 1 or resumable(args.method, args.reset),
+         f"--method {args.method}{' with --reset ' + args.reset if args.reset != 'none' else ''} runs in a single "
+         "process only: run without torchrun"),
     ]
 
 
-def resumable(args: argparse.Namespace) -> bool:
-    """Whether the run is snv, sgd or joint without --reset: a checkpoint holds its whole state and torchrun can
-    run it. A baseline or --reset keeps state of its own between tasks."""
-    return args.method not in BASELINES and args.reset == "none"
+def resumable(method: str, reset: str) -> bool:
+    """Whether a checkpoint holds a run's whole state (--resume continues it, torchrun can run it): the method's
+    `resumable`, without --reset (whose resets keep state of their own between tasks)."""
+    return METHODS[method].resumable and reset == "none"
 
 
 def run_name(args: argparse.Namespace) -> str:
     """The default results-folder name of a run: snv, snv-random, eidetic-magnitude, snv+gxd, packnet, ..."""
     name = args.method
-    if args.importance not in (None, DEFAULT_IMPORTANCE.get(args.method)):
+    if args.importance not in (None, METHODS[args.method].default_importance()):
         name += f"-{args.importance}"
     return name + ("+gxd" if args.reset == "gxd" else "")
-
-
-def spearman(a: Tensor, b: Tensor) -> float | None:
-    """Spearman's rank correlation of two [N] scores (None where undefined, e.g. a constant score)."""
-    from scipy.stats import spearmanr
-
-    rho = spearmanr(a.numpy(), b.numpy()).statistic
-    return None if np.isnan(rho) else float(rho)
-
-
-def rank_correlation(args: argparse.Namespace, seed: int, device: torch.device) -> dict:
-    """Train task 1; Monte Carlo Shapley (SNV's estimator without the bandit) vs every cheap score.
-
-    Returns, per score: Spearman with Shapley and with the measured single-neuron removal effect,
-    the overlap of the top-k sets, the top-k's per-layer counts and the seconds it took.
-    """
-    import train
-
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    bench = datasets.get_benchmark(args.dataset, args.num_tasks, seed, args.data_dir, pmnist_first=args.pmnist_first)
-    model = build_model(args.arch, bench.input_shape, args.width).to(device)
-    model.add_head(bench.classes_per_task)
-    state = train.State(torch.zeros(model.num_neurons, dtype=torch.bool))
-    freezer = snv_core.Freezer(model, state.frozen.to(device), 0)
-    epochs = train.train_phase(model, bench, 0, [0], args.epochs, freezer, state, args, device,
-                               torch.Generator().manual_seed(seed), "task 1")
-    val = bench.tasks[0].val
-    mu = snv_core.mean_activations(model, val.batches(args.eval_batch_size, device=device))
-    x, y = train.eval_set(val, args.shapley_eval_batches, device)
-    n = model.num_neurons
-    k = snv_core.capacity_k(args.sparsity, n)
-    v = snv_core.MaskedAccuracy(model, 0, x, y, mu, impl=args.shapley_impl)
-    shapley = snv_core.permutation_shapley(v, n, k, tau=args.truncation, use_bandit=False,
-                                           max_orderings=args.max_permutations, seed=seed * 1000, progress=args.progress)
-    start = time.perf_counter()
-    removal = removal_effect(model, 0, x, y, mu)
-    removal_seconds = time.perf_counter() - start
-    top = snv_core.top_k(shapley.phi, k)
-    scores = {"shapley": {"seconds": round(shapley.seconds, 3), "spearman_removal": spearman(shapley.phi, removal),
-                          "topk_per_layer": snv_core.layer_counts(model, top)}}
-    for kind in IMPORTANCES[1:]:
-        res = score(kind, model, 0, x, y, mu, seed=seed * 1000, norm=args.magnitude_norm)
-        chosen = snv_core.top_k(res.phi, k)
-        scores[kind] = {"seconds": round(res.seconds, 3), "spearman_shapley": spearman(res.phi, shapley.phi),
-                        "spearman_removal": spearman(res.phi, removal),
-                        "topk_overlap": int((chosen & top).sum()) / k,
-                        "topk_per_layer": snv_core.layer_counts(model, chosen)}
-    return {"command": train.command_line(), "seed": seed, "machine": train.machine(),
-            "device": train.device_name(device), "git_commit": train.git_commit(), "args": vars(args),
-            "num_neurons": n, "k": k, "layer_names": model.layer_names, "layer_sizes": model.layer_sizes,
-            "epochs_run": epochs, "v_full": float(v(torch.ones(1, n, dtype=torch.bool))[0]),
-            "shapley_cost": shapley.cost(), "removal_seconds": round(removal_seconds, 3), "scores": scores}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python baselines.py rank-correlation [train.py options]`: <out-dir>/rank_correlation_seed<s>.json per seed."""
-    import train
-
-    train.git_commit()
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "rank-correlation":
-        print("usage: python baselines.py rank-correlation [train.py options]", file=sys.stderr)
-        return 2
-    parser = train.build_parser()
-    parser.prog = "baselines.py rank-correlation"
-    args = parser.parse_args(argv[1:])
-    if args.out_dir is None:
-        args.out_dir = f"results/rank_correlation_{args.dataset}"
-    try:
-        args = train.resolve_args(args)
-        out = Path(args.out_dir)
-        existing = [out / f"rank_correlation_seed{s}.json" for s in args.seeds
-                    if (out / f"rank_correlation_seed{s}.json").exists()]
-        if existing and not args.overwrite:
-            raise train.UsageError(f"results already exist ({existing[0]}); pass --overwrite to replace them")
-    except (train.UsageError, datasets.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    device = train.pick_device(args)
-    for seed in args.seeds:
-        result = rank_correlation(args, seed, device)
-        train.write_json(out / f"rank_correlation_seed{seed}.json", result)
-        print(f"[seed {seed}] " + " ".join(f"{kind}={s['spearman_shapley']:.3f}" for kind, s in result["scores"].items()
-                                           if s.get("spearman_shapley") is not None), flush=True)
-    print(f"results in {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,6 +20,7 @@ import numpy as np
 
 import metrics
 import utils
+from baselines import METHODS, SCENARIOS, SCORES
 
 PAPER_REPORTED: dict = {
     "imagenet1k": {
@@ -59,11 +60,9 @@ CAPACITIES = ("0.03", "0.05", "0.1", "0.3", "0.5")
 """Table 3's c values, spelled as in run_experiments.sh's folder names."""
 MAIN_SETTINGS = (("pmnist", 10), ("cifar100", 10), ("cifar100", 20), ("tinyimagenet", 10), ("tinyimagenet", 20),
                  ("imagenet1k", 10), ("imagenet1k", 20), ("imagenet1k", 50))
-SCENARIOS = ("task_il", "class_il")
 DATASETS = {"pmnist": "PMNIST", "splitmnist": "Split-MNIST", "cifar100": "CIFAR-100",
             "tinyimagenet": "TinyImageNet", "imagenet1k": "ImageNet-1k"}
 SHORT = {"task_il": "TIL", "class_il": "CIL"}
-METHOD_NAMES = {"snv": "SNV", "sgd": "SGD (lower bound)", "joint": "Joint (upper bound)"}
 NOT_RUN = "not run"
 NONE = "—"
 UNDEFINED = "n/a"
@@ -287,7 +286,7 @@ def imagenet_table(res: Results) -> str:
         rows.append((method, [Cell(res.baseline(key, "imagenet1k", s, t) if key else None,
                                    paper=paper[method].get((s, t))) for s, t in settings]))
     for method in ("sgd", "joint"):
-        rows.append((METHOD_NAMES[method], [Cell(res.main("imagenet1k", s, t, method)) for s, t in settings]))
+        rows.append((METHODS[method].label, [Cell(res.main("imagenet1k", s, t, method)) for s, t in settings]))
     return comparison_table("ImageNet-1k, ResNet-18: ACC (%)", columns, rows,
                             "NFL+, DCNet and DyTox are not implemented here (ours stays \"not run\"); WSN comes "
                             "from a baselines/ run with the same settings if there is one.")
@@ -345,7 +344,7 @@ def pruning_experiments(res: Results) -> list[tuple[str, Experiment | None]]:
             for s in SCENARIOS:
                 exp = res.main(dataset, s, 10, method)
                 runs = [r for r in exp.runs if "pruning" in r] if exp is not None else []
-                out.append((f"{DATASETS[dataset]} {SHORT[s]} {METHOD_NAMES[method]}",
+                out.append((f"{DATASETS[dataset]} {SHORT[s]} {METHODS[method].label}",
                             Experiment(exp.folder, runs) if runs else None))
     return out
 
@@ -386,7 +385,7 @@ def pruning_table(res: Results) -> str:
 # ----------------------------------------------------------------------------- what only we run
 
 def bounds_table(res: Results) -> str:
-    exps = [(f"{DATASETS[d]} {SHORT[s]} T={t} {METHOD_NAMES[m]}", res.main(d, s, t, m))
+    exps = [(f"{DATASETS[d]} {SHORT[s]} T={t} {METHODS[m].label}", res.main(d, s, t, m))
             for d, t in MAIN_SETTINGS for s in SCENARIOS for m in ("sgd", "joint")]
     return runs_table("Bounds: SGD (fine-tuning) and Joint, every main-table setting (ours only)", exps,
                       "Intransigence of the SGD bound: against the joint bound of the same seed.")
@@ -403,7 +402,7 @@ def seeds_table(res: Results) -> str:
     body, exps = [], []
     for s in SCENARIOS:
         for m in ("snv", "sgd", "joint"):
-            exp, label = res.main("pmnist", s, 10, m), f"{SHORT[s]} {METHOD_NAMES[m]}"
+            exp, label = res.main("pmnist", s, 10, m), f"{SHORT[s]} {METHODS[m].label}"
             if exp is None:
                 body.append([label, NONE] + [NOT_RUN] * len(SEED_METRICS) + [NONE, NONE])
                 continue
@@ -429,7 +428,7 @@ def seed_cell(run: dict, key: str) -> str:
 
 
 def splitmnist_table(res: Results) -> str:
-    exps = [(f"{SHORT[s]} {METHOD_NAMES[m]}", res.get(f"splitmnist/{m}_{s}", dataset="splitmnist", method=m,
+    exps = [(f"{SHORT[s]} {METHODS[m].label}", res.get(f"splitmnist/{m}_{s}", dataset="splitmnist", method=m,
                                                        scenario=s)) for m in ("snv", "sgd") for s in SCENARIOS]
     return runs_table("Split-MNIST, 5 tasks, ResNet-18 at a CPU profile (ours only)", exps,
                       protocol_line((e for _, e in exps), ("width",) + PROTOCOL_KEYS[2:]))
@@ -437,7 +436,7 @@ def splitmnist_table(res: Results) -> str:
 
 def comparison_runs_table(res: Results) -> str:
     """The runs of run_experiments_baselines.txt (baselines/), after SNV and the bounds on PMNIST as references."""
-    refs = [(f"reference: PMNIST {SHORT[s]} {METHOD_NAMES[m]}", res.main("pmnist", s, 10, m))
+    refs = [(f"reference: PMNIST {SHORT[s]} {METHODS[m].label}", res.main("pmnist", s, 10, m))
             for s in SCENARIOS for m in ("snv", "sgd", "joint")]
     exps = [(f"`{f.removeprefix('baselines/')}`", e) for f, e in sorted(res.experiments.items())
             if f.startswith("baselines/")]
@@ -447,7 +446,7 @@ def comparison_runs_table(res: Results) -> str:
 
 
 SCORE_KEYS = ("spearman_shapley", "spearman_removal", "topk_overlap", "seconds")
-"""What `baselines.py rank-correlation` records per score."""
+"""What `rank_correlation.py` records per score."""
 
 
 def score_cell(runs: list[dict], kind: str, key: str) -> str:
@@ -457,7 +456,7 @@ def score_cell(runs: list[dict], kind: str, key: str) -> str:
 
 
 def rank_correlation_table(root: Path, exclude: tuple[str, ...]) -> str:
-    """Spearman of each cheap neuron score with Monte Carlo Shapley (baselines.py rank-correlation), over seeds."""
+    """Spearman of each cheap neuron score with Monte Carlo Shapley (rank_correlation.py), over seeds."""
     files = sorted(p for p in root.rglob("rank_correlation_seed*.json")
                    if not excluded(p.relative_to(root).as_posix(), exclude))
     title = "### Neuron scores against Monte Carlo Shapley (task 1; ours only)"
@@ -496,10 +495,8 @@ def section(root: Path, label: str, exclude: tuple[str, ...]) -> str:
     return "\n\n".join(parts)
 
 
-COMPARE_METHODS = (("joint", "Joint (upper bound)"), ("sgd", "SGD (lower bound)"), ("snv", "SNV"),
-                   ("snv+gxd", "SNV + GXD resets"), ("packnet", "PackNet"), ("wsn", "WSN"), ("eidetic", "Eidetic"),
-                   ("ewc", "EWC"), ("si", "SI"), ("lwf", "LwF"))
-IMPORTANCES = ("shapley", "random", "magnitude", "activation", "taylor", "gxd")
+GXD_VARIANTS = ("snv",)
+"""Methods whose comparison has a row with --reset gxd (folder <method>+gxd) under their own."""
 COMPARE_LABEL = "PMNIST method comparison (CPU protocol of `run_experiments.sh --compare`, not the paper's)"
 
 
@@ -529,7 +526,7 @@ def importance_table(res: Results, root: Path) -> str:
     files = sorted(root.rglob("rank_correlation_seed*.json"))
     runs = [json.loads(p.read_text()) for p in files]
     exps = {kind: res.get(compare_folder("task_il", "snv" if kind == "shapley" else f"snv-{kind}"),
-                          method="snv", importance=kind) for kind in IMPORTANCES}
+                          method="snv", importance=kind) for kind in SCORES}
     n, _ = provenance(exps.values())
     body = []
     for kind, exp in exps.items():
@@ -538,7 +535,7 @@ def importance_table(res: Results, root: Path) -> str:
         body.append([kind] + cells + [Cell(exp).ours(n)])
     header = ["score", "Spearman with Shapley", "Spearman with removal effect", "top-k overlap",
               "seconds to score task 1", "final ACC, TIL (%)"]
-    prov = (f"Rank columns: `baselines.py rank-correlation`, n seeds: {len(runs)}. Final ACC: n seeds {n}. Shapley "
+    prov = (f"Rank columns: `rank_correlation.py`, n seeds: {len(runs)}. Final ACC: n seeds {n}. Shapley "
             "there is 200 Monte Carlo orderings without the bandit; final ACC is SNV's pipeline with "
             "`--importance <score>`.")
     return "\n\n".join(["### Neuron scores: agreement with Shapley, cost, and final accuracy", markdown(header, body),
@@ -564,9 +561,12 @@ def compare_section(root: Path) -> str:
     """The comparison of every method in one harness, TIL and CIL, and the importance table."""
     res = Results(find_experiments(root))
     parts = []
+    rows = [row for name, m in METHODS.items()
+            for row in [(name, m.label, m)] + ([(f"{name}+gxd", f"{m.label} + GXD resets", m)]
+                                               if name in GXD_VARIANTS else [])]
     for scenario in SCENARIOS:
         found = [(name, label, res.get(compare_folder(scenario, name), scenario=scenario))
-                 for name, label in COMPARE_METHODS if not (name == "wsn" and scenario == "class_il")]
+                 for name, label, m in rows if scenario in m.scenarios]
         joint = next(e for name, _, e in found if name == "joint")
         exps = [(label, with_intransigence(e, joint)) for _, label, e in found]
         note = protocol_line(e for _, e in exps)

@@ -39,7 +39,7 @@
 # Environment: SNV_DATA_DIR (data folder, read by train.py), SNV_RESULTS_DIR, SNV_BASELINES_FILE, PYTHON.
 #
 # run_experiments_baselines.txt (written with the baselines) adds the comparison runs, one command a line:
-#   python train.py ARGS --seeds S... --out-dir DIR   or   python baselines.py rank-correlation ARGS ...
+#   python train.py ARGS --seeds S... --out-dir DIR   or   python rank_correlation.py ARGS ...
 # each runs with its own seeds (the quick seeds under --quick) into <results>/baselines/<basename of DIR>;
 # blank lines and lines starting with # are ignored.
 set -uo pipefail
@@ -75,6 +75,11 @@ for g in ${ONLY//,/ }; do
 done
 
 PYTHON=${PYTHON:-python}
+# the methods whose checkpoint holds their whole state (baselines.resumable, read from the registry)
+RESUMABLE=$("$PYTHON" -c 'import baselines
+print(*(name for name in baselines.METHODS if baselines.resumable(name, "none")))') \
+    || { echo "error: $PYTHON cannot import baselines.py: install requirements.txt" >&2; exit 2; }
+read -r -a RESUMABLE_METHODS <<<"$RESUMABLE"
 RESULTS=${SNV_RESULTS_DIR:-results}
 BASELINES_FILE=${SNV_BASELINES_FILE:-run_experiments_baselines.txt}
 declare -A PROFILE
@@ -141,14 +146,15 @@ task_suffix() {  # task_suffix DATASET T: "_T<T>" where the dataset is run with 
 experiment() {  # experiment GROUP/NAME JOINT_DIR|- TRAIN_ARGS...: one results folder, all seeds
     local name=$1 joint=$2
     shift 2
-    local dir=$BASE/$name dataset=pmnist method=snv resumable=1 prev=""
+    local dir=$BASE/$name dataset=pmnist method=snv reset=none prev=""
     for a in "$@"; do
         [[ $prev == --dataset ]] && dataset=$a
         [[ $prev == --method ]] && method=$a
-        [[ $prev == --reset && $a != none ]] && resumable=0
+        [[ $prev == --reset ]] && reset=$a
         prev=$a
     done
-    [[ " snv sgd joint " == *" $method "* ]] || resumable=0  # as baselines.resumable
+    local resumable=0
+    [[ $reset == none && " ${RESUMABLE_METHODS[*]} " == *" $method "* ]] && resumable=1
     # shellcheck disable=SC2206  # the profiles are word lists
     local cmd=("$PYTHON" train.py "$@" ${PROFILE[$dataset]:-} --prune-analysis --out-dir "$dir")
     echo "# $name"
@@ -257,10 +263,9 @@ baselines() {  # the sgd/joint bounds (unless the bounds group runs too), then r
     done <"$BASELINES_FILE"
 }
 
-baseline_line() {  # baseline_line python SCRIPT [SUBCOMMAND] ARGS...: one command of the baselines file
-    local script=$2 sub=() args=() seeds=() out="" dataset=pmnist scenario=task_il tasks=10 method=snv
+baseline_line() {  # baseline_line python SCRIPT ARGS...: one command of the baselines file
+    local script=$2 args=() seeds=() out="" dataset=pmnist scenario=task_il tasks=10 method=snv
     shift 2
-    [[ $script == baselines.py ]] && { sub=("$1"); shift; }
     while (($#)); do
         case $1 in
             --seeds)
@@ -286,7 +291,7 @@ baseline_line() {  # baseline_line python SCRIPT [SUBCOMMAND] ARGS...: one comma
         fi
         experiment "$name" "$joint" "${args[@]}"
     else
-        analysis "$name" "$script" "${sub[@]}" "${args[@]}"
+        analysis "$name" "$script" "${args[@]}"
     fi
 }
 

@@ -377,7 +377,9 @@ def neuron_shapley(v: ValueFn, n: int, k: int, *, delta: float = 0.2, tolerance:
 
     Each ordering removes neurons one by one; the walk is truncated once `patience` consecutive
     values lie within `tolerance` of V({}) (the rest get marginal 0). Bandit radius: the empirical
-    Bernstein bound sqrt(2 var ln(2/delta)/n) + 7 R ln(2/delta) / (3 (n-1)).
+    Bernstein bound sqrt(2 var ln(2/delta)/n) + 7 R ln(2/delta) / (3 (n-1)); as in TMAB-Shapley, a neuron
+    leaves the active set once its interval excludes the boundary between the k-th and (k+1)-th largest
+    estimates (so a well-separated top k stops the walk before `max_orderings`).
     """
     if not 1 <= k <= n:
         raise ValueError(f"top-k needs 1 <= k <= N, got k={k}, N={n}")
@@ -417,7 +419,7 @@ def neuron_shapley(v: ValueFn, n: int, k: int, *, delta: float = 0.2, tolerance:
             cnt = marg.counts.double().clamp(min=2)
             var = marg.std() ** 2
             radius = (2 * var * log_term / cnt).sqrt() + 7 * value_range * log_term / (3 * (cnt - 1))
-            active = marg.active(k, radius)
+            active = marg.active(k, radius, "midpoint")
         bar.update(1)
     bar.close()
     return marg.result(orderings=done, evaluations=evaluations, truncated_share=truncated / max(done * n, 1),

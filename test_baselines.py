@@ -1,6 +1,7 @@
 """Tests of the baselines and ablations: importances, GXD, resets, Eidetic, PackNet, WSN, EWC, SI, LwF."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import baselines
+import rank_correlation
 import snv_core
 import train
 from test_snv import LogitRecorder
@@ -56,7 +58,7 @@ def test_importances_match_a_manual_mlp_computation():
         got = baselines.importance(kind, model, 0, x, y, mu)
         assert got.shape == (model.num_neurons,) and got.dtype == torch.float64
         assert torch.allclose(got, want.double(), rtol=1e-5, atol=1e-7), kind
-    l2 = baselines.importance("magnitude", model, 0, x, y, norm=2)
+    l2 = baselines.importance("magnitude", model, 0, x, y, args=argparse.Namespace(magnitude_norm=2))
     assert torch.allclose(l2, torch.cat([lin.weight.norm(dim=1) for lin in model.linears]).double())
     with torch.no_grad():  # a neuron that never fires: large |a|, but no output
         model.linears[0].bias[0] = -1e3
@@ -71,7 +73,7 @@ def test_importances_on_resnet_have_shape_n_and_are_deterministic():
     x, y = data(4)
     mu = snv_core.mean_activations(model, [(x, y)])
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
-    for kind in baselines.IMPORTANCES[1:]:
+    for kind in list(baselines.SCORES)[1:]:
         first = baselines.importance(kind, model, 0, x, y, mu)
         assert first.shape == (model.num_neurons,) and bool(torch.isfinite(first).all())
         assert torch.equal(first, baselines.importance(kind, model, 0, x, y, mu)), kind
@@ -86,10 +88,13 @@ def test_select_neurons_uses_the_chosen_importance(tmp_path):
     model = build_model("mlp", bench.input_shape, 8)
     model.add_head(2)
     state = train.State(torch.zeros(model.num_neurons, dtype=torch.bool))
+    cpu = torch.device("cpu")
+    loop = baselines.Loop(0, bench.tasks[:1], 3, cpu, eval_set=lambda: train.eval_set(bench.tasks[0].val, 1, cpu),
+                          retrain=None, logits=None, loss=None)
     phis = {}
     for kind in ("shapley", "random", "gxd"):
         args.importance = kind
-        _, selected, record = train.select_neurons(model, bench, 0, state, args, torch.device("cpu"), 0)
+        _, selected, record = baselines.SNV(args, model, 0).select(model, state, loop)
         assert len(record["phi"]) == model.num_neurons and int(selected.sum()) == record["k"]
         phis[kind] = record["phi"]
     assert phis["random"] != phis["shapley"] and phis["gxd"] != phis["random"]
@@ -100,7 +105,7 @@ def test_removal_effect_matches_one_gate_at_a_time():
     model = small_model("mlp", 5)
     x, y = data()
     mu = snv_core.mean_activations(model, [(x, y)])
-    effect = baselines.removal_effect(model, 0, x, y, mu, chunk=4)
+    effect = rank_correlation.removal_effect(model, 0, x, y, mu, chunk=4)
     with torch.no_grad():
         base = F.cross_entropy(model(x, 0), y, reduction="none")
     for i in (0, 7, 19):
@@ -127,7 +132,7 @@ def test_gxd_predicts_the_effect_of_mean_replacement(tmp_path):
                       torch.device("cpu"), torch.Generator().manual_seed(0), "task 1")
     x, y = train.eval_set(bench.tasks[0].val, 1, torch.device("cpu"))
     mu = snv_core.mean_activations(model, [(x, y)])
-    rho = baselines.spearman(baselines.importance("gxd", model, 0, x, y, mu), baselines.removal_effect(model, 0, x, y, mu))
+    rho = rank_correlation.spearman(baselines.importance("gxd", model, 0, x, y, mu), rank_correlation.removal_effect(model, 0, x, y, mu))
     assert rho is not None and rho > GXD_FLOOR
 
 
@@ -304,9 +309,9 @@ def test_lwf_without_distillation_is_sgd(tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--method", "wsn", "--scenario", "class_il"], "task-incremental only"),
-    (["--method", "ewc", "--importance", "taylor"], "--importance applies"),
-    (["--method", "eidetic", "--importance", "shapley"], "magnitude or taylor"),
+    (["--method", "wsn", "--scenario", "class_il"], "supports --scenario task_il only"),
+    (["--method", "ewc", "--importance", "taylor"], "--method ewc takes no --importance"),
+    (["--method", "eidetic", "--importance", "shapley"], "--importance taylor or magnitude, not shapley"),
     (["--method", "packnet", "--reset", "gxd"], "--reset gxd applies"),
     (["--method", "packnet", "--packnet-prune", "1"], "--packnet-prune"),
 ])
@@ -336,15 +341,15 @@ def test_old_task_logits_are_bit_identical_in_til(tmp_path, method, arch):
 
 def test_rank_correlation_cli_writes_json(tmp_path):
     out = tmp_path / "rc"
-    assert baselines.main(["rank-correlation", "--dataset", "synthetic", "--width", "8", "--epochs", "2",
-                           "--max-permutations", "3", "--shapley-eval-batches", "1", "--out-dir", str(out),
-                           "--seeds", "0"]) == 0
+    assert rank_correlation.main(["--dataset", "synthetic", "--width", "8", "--epochs", "2",
+                                  "--max-permutations", "3", "--shapley-eval-batches", "1", "--out-dir", str(out),
+                                  "--seeds", "0"]) == 0
     data = json.loads((out / "rank_correlation_seed0.json").read_text())
     assert data["seed"] == 0 and data["command"] and data["machine"]["python"] and data["git_commit"]
-    assert set(data["scores"]) == set(baselines.IMPORTANCES)
-    for kind in baselines.IMPORTANCES[1:]:
+    assert list(data["scores"]) == list(baselines.SCORES)
+    for kind in list(baselines.SCORES)[1:]:
         s = data["scores"][kind]
         assert s["seconds"] >= 0 and 0 <= s["topk_overlap"] <= 1 and sum(s["topk_per_layer"]) == data["k"]
         assert s["spearman_shapley"] is None or -1 <= s["spearman_shapley"] <= 1
     assert data["shapley_cost"]["orderings"] == 3
-    assert baselines.main(["rank-correlation", "--dataset", "synthetic", "--out-dir", str(out), "--seeds", "0"]) == 2
+    assert rank_correlation.main(["--dataset", "synthetic", "--out-dir", str(out), "--seeds", "0"]) == 2

@@ -76,8 +76,10 @@ def test_torchrun_two_processes_write_results_once(tmp_path, arch):
     proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["seed0.json", "summary.json"]
-    assert proc.stdout.count("results in") == 1 and proc.stdout.count("task 3/3") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["log_seed0.jsonl", "seed0.json", "summary.json"]
+    assert proc.stdout.count("results in") == 1 and proc.stdout.count("task 3/3:") == 1
+    log = [json.loads(line) for line in (out / "log_seed0.jsonl").read_text().splitlines()]
+    assert proc.stdout.count(" epoch 1:") == len([r for r in log if r["epoch"] == 1]) > 0  # rank 0 logs, once
     data = json.loads((out / "seed0.json").read_text())
     assert data["args"]["world_size"] == 2 and len(data["shapley"]) == 3
     A = data["accuracy_matrix"]

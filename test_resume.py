@@ -150,7 +150,7 @@ def test_overwrite_starts_a_checkpointed_seed_over(tmp_path, one_task_checkpoint
     out.mkdir()
     shutil.copy(one_task_checkpoint, out / "checkpoint_seed0.pt")
     assert train.main(cli(out, "--overwrite", "--lr", "0.01", "--epochs", "1", "--num-tasks", "2")) == 0
-    assert sorted(p.name for p in files_under(out)) == ["seed0.json", "summary.json"]
+    assert sorted(p.name for p in files_under(out)) == ["log_seed0.jsonl", "seed0.json", "summary.json"]
 
 
 def test_baseline_resume_keeps_finished_seeds_and_refuses_its_checkpoint(tmp_path, capsys):
@@ -163,7 +163,7 @@ def test_baseline_resume_keeps_finished_seeds_and_refuses_its_checkpoint(tmp_pat
     (out / "summary.json").unlink()
     assert train.main(cli(out, *ewc, "--seeds", "0", "1", "--resume")) == 2
     one_line_error(capsys.readouterr().err, str(checkpoint), "cannot continue", "--seeds 1 --overwrite")
-    assert files_under(out) == [checkpoint, out / "seed0.json"]
+    assert files_under(out) == [checkpoint, out / "log_seed0.jsonl", out / "seed0.json"]
     checkpoint.unlink()
     assert train.main(cli(out, *ewc, "--seeds", "0", "1", "--resume")) == 0
     assert (out / "seed0.json").read_bytes() == finished

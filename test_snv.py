@@ -150,6 +150,17 @@ def test_neuron_shapley_reverse_estimator():
     assert res.truncated_share > 0.3 and res.evaluations < 20 * 30
 
 
+
+def test_neuron_shapley_bandit_stops_at_the_top_k_boundary():
+    # additive game: three neurons worth 0.3 each, nine worth 0.01; every marginal is exact, so only the Bernstein
+    # bound's range term keeps neurons active. The k-th largest estimate as threshold would keep the 3rd neuron
+    # active forever (|phi_3 - phi^(k)| = 0); the boundary between the 3rd and 4th lets the walk stop.
+    weights = torch.tensor([0.3, 0.3, 0.3] + [0.01] * 9, dtype=torch.float64)
+    res = snv_core.neuron_shapley(additive(weights), 12, 3, max_orderings=200, seed=0)
+    assert res.converged and res.orderings < 100
+    assert snv_core.top_k(res.phi, 3).tolist() == [True] * 3 + [False] * 9
+
+
 def test_top_k_and_capacity():
     phi = torch.tensor([0.1, 0.5, 0.5, -1.0, 0.3])
     assert snv_core.top_k(phi, 2).tolist() == [False, True, True, False, False]

@@ -10,6 +10,7 @@ import argparse
 import copy
 import functools
 import json
+import math
 import os
 import platform
 import shlex
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -34,10 +35,9 @@ import datasets
 import metrics
 import snv_core
 import utils
+from baselines import SCENARIOS, State
 from models import ARCHS, ContinualNet, build_model
 
-METHODS = ("snv", "sgd", "joint", "eidetic", "packnet", "wsn", "ewc", "si", "lwf")
-SCENARIOS = ("task_il", "class_il")
 DATASET_DEFAULTS = {
     "pmnist": dict(arch="mlp", num_tasks=10, epochs=20, batch_size=10),
     "splitmnist": dict(arch="resnet18", num_tasks=5, epochs=200, batch_size=64),
@@ -47,7 +47,7 @@ DATASET_DEFAULTS = {
     "synthetic": dict(arch="mlp", num_tasks=3, epochs=5, batch_size=16),
 }
 SHAPLEY_BATCH = 64
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of the checkpoint layout; a checkpoint of another version is refused."""
 RUN_ONLY_ARGS = frozenset({"seeds", "device", "dist_backend", "data_dir", "out_dir", "joint_results", "overwrite",
                            "resume", "no_figures", "progress", "prune_analysis"})
@@ -104,15 +104,6 @@ class Dist:
 
 SINGLE_PROCESS = Dist()
 """The Dist of a run without torchrun."""
-
-
-@dataclass
-class State:
-    """What the loop carries between tasks: B_t, for masked inference each task's subnetwork, the method's hooks."""
-
-    frozen: Tensor
-    subnets: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    method: baselines.Method = field(default_factory=baselines.Method)
 
 
 # ----------------------------------------------------------------------------- logits and evaluation
@@ -218,10 +209,13 @@ class TrainForward(nn.Module):
 
 def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_tasks: list[int],
                 epochs: int, freezer: snv_core.Freezer, state: State, args: argparse.Namespace,
-                device: torch.device, gen: torch.Generator, desc: str, dist: Dist = SINGLE_PROCESS) -> int:
+                device: torch.device, gen: torch.Generator, desc: str, dist: Dist = SINGLE_PROCESS,
+                log: Callable[[dict], None] | None = None) -> int:
     """Train on `data_tasks`' training data with early stopping on validation loss; restore the best weights.
 
     Several data tasks (joint) take turns, one batch of each task in order, until every task's epoch is done.
+    The step never waits for the device: the training loss is summed on the device and read once per epoch,
+    where a non-finite sum stops the run; `log` then gets the epoch's record (losses, accuracy, seconds).
 
     Distributed: every rank draws the same batches and trains on its share (every world-th sample) through
     a DDP wrapper made for this phase (heads are added per task); batches smaller than the world are skipped.
@@ -237,6 +231,7 @@ def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_
     best, best_state, bad, epoch = float("inf"), None, 0, 0
     with freezer.training():
         for epoch in tqdm(range(1, epochs + 1), desc=desc, disable=not args.progress, leave=False):
+            start, loss_sum, steps = time.perf_counter(), torch.zeros((), device=device), 0
             net.train()
             active = [(j, bench.tasks[j].train.batches(args.batch_size, shuffle=True, generator=gen, augment=True,
                                                        device=device, positions=True)) for j in data_tasks]
@@ -252,15 +247,23 @@ def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_
                     finished = cache[j][pos] if cache[j] is not None else None
                     loss = (F.cross_entropy(net(x, j, finished), targets(y, j, args.scenario, c))
                             + state.method.penalty(model, x, j))
-                    if dist.any(not bool(torch.isfinite(loss))):
-                        raise FloatingPointError(f"non-finite loss ({loss.item()}) in task {task + 1}, epoch {epoch}: "
-                                                 "lower --lr or check the data")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     freezer.step(optimizer)
                     state.method.after_step(model)
+                    loss_sum += loss.detach()
+                    steps += 1
+            train_loss = float(loss_sum) / max(steps, 1)
+            if dist.any(not math.isfinite(train_loss)):
+                raise FloatingPointError(f"non-finite loss (mean {train_loss}) in task {task + 1}, epoch {epoch}: "
+                                         "lower --lr or check the data")
             dist.sync_buffers(model)
-            val = sum(evaluate(model, bench.tasks[j].val, j, task, args, state, device, c)[1] for j in data_tasks)
+            accs, losses = zip(*(evaluate(model, bench.tasks[j].val, j, task, args, state, device, c)
+                                 for j in data_tasks))
+            val = sum(losses)
+            if log is not None and dist.rank == 0:
+                log({"phase": desc, "epoch": epoch, "train_loss": train_loss, "val_loss": val,
+                     "val_accuracy": sum(accs) / len(accs), "seconds": round(time.perf_counter() - start, 3)})
             if val < best:
                 best, bad = val, 0
                 best_state = copy.deepcopy(model.state_dict())
@@ -286,52 +289,22 @@ def eval_set(split: datasets.Split, batches: int, device: torch.device) -> tuple
     return torch.cat(xs), torch.cat(ys)
 
 
-def select_neurons(model: ContinualNet, bench: datasets.Benchmark, task: int, state: State,
-                   args: argparse.Namespace, device: torch.device, seed: int,
-                   dist: Dist = SINGLE_PROCESS) -> tuple[Tensor, Tensor, dict]:
-    """mu, phi and S_t for `task`: returns (mu [N], S_t [N] bool, record for the results file).
-
-    Distributed, the SNV estimator's orderings are shared out over the ranks (same phi on every rank).
-    """
-    n = model.num_neurons
-    k = snv_core.capacity_k(args.sparsity, n)
-    val = bench.tasks[task].val
-    mu = snv_core.mean_activations(model, val.batches(args.eval_batch_size, device=device))
-    x, y = eval_set(val, args.shapley_eval_batches, device)
-    v = snv_core.MaskedAccuracy(model, task, x, y, mu, impl=args.shapley_impl)
-    kw = dict(max_orderings=args.max_permutations, seed=seed * 1000 + task, progress=args.progress)
-    if args.importance != "shapley":
-        res = baselines.score(args.importance, model, task, x, y, mu, seed=seed * 1000 + task, norm=args.magnitude_norm)
-    elif args.estimator == "snv":
-        res = snv_core.permutation_shapley(v, n, k, tau=args.truncation, alpha=args.confidence,
-                                           threshold=args.bandit_threshold, rank=dist.rank, world_size=dist.world,
-                                           all_reduce=dist.all_reduce, **kw)
-    else:
-        res = snv_core.neuron_shapley(v, n, k, **kw)
-    selected = snv_core.top_k(res.phi, k)
-    new = selected & ~state.frozen
-    record = {**res.cost(), "k": k, "selected": int(selected.sum()), "newly_frozen": int(new.sum()),
-              "v_full": float(v(torch.ones(1, n, dtype=torch.bool))[0]),
-              "v_members": float(v((state.frozen | selected).unsqueeze(0))[0]),
-              "selected_per_layer": snv_core.layer_counts(model, selected),
-              "phi": [round(float(p), 6) for p in res.phi]}
-    return mu, selected, record
-
-
 # ----------------------------------------------------------------------------- one run
 
 def task_loop(model: ContinualNet, bench: datasets.Benchmark, t: int, freezer: snv_core.Freezer, state: State,
-              args: argparse.Namespace, device: torch.device, gen: torch.Generator, dist: Dist) -> baselines.Loop:
+              args: argparse.Namespace, device: torch.device, gen: torch.Generator, dist: Dist,
+              log: Callable[[dict], None] | None) -> baselines.Loop:
     """What a baseline's after_task may call back into: task t's data, retraining it, its logits and its loss."""
     c = bench.classes_per_task
     return baselines.Loop(
-        t, bench.tasks[:t + 1], device,
+        t, bench.tasks[:t + 1], bench.num_tasks, device,
         eval_set=lambda: eval_set(bench.tasks[t].val, args.shapley_eval_batches, device),
         retrain=lambda epochs, desc: train_phase(model, bench, t, [t], epochs, freezer, state, args, device, gen,
-                                                 desc, dist),
+                                                 desc, dist, log),
         logits=lambda x: task_logits(model, x, t, state),
         loss=lambda x, y: F.cross_entropy(scenario_logits(model, x, t, t, args.scenario, state, trainable=t),
-                                          targets(y, t, args.scenario, c)))
+                                          targets(y, t, args.scenario, c)),
+        rank=dist.rank, world=dist.world, all_reduce=dist.all_reduce if dist.world > 1 else None)
 
 
 def random_init_accuracy(bench: datasets.Benchmark, args: argparse.Namespace, seed: int,
@@ -383,11 +356,12 @@ def pruning_curve(model: ContinualNet, bench: datasets.Benchmark, state: State, 
 
 def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
              on_task_end: Callable[[int, ContinualNet, State], None] | None = None,
-             checkpoint: Path | None = None, dist: Dist = SINGLE_PROCESS) -> dict:
+             checkpoint: Path | None = None, dist: Dist = SINGLE_PROCESS, epoch_log: Path | None = None) -> dict:
     """One complete continual-learning run; returns the results dict. `on_task_end(t, model, state)` is a hook.
 
     With a `checkpoint` path, rank 0 saves the run there after every task, and with --resume an existing
-    checkpoint is continued from its last completed task.
+    checkpoint is continued from its last completed task. Rank 0 prints one line per training epoch and, with an
+    `epoch_log` path, appends the same record there as a JSON line (the file starts over with the run).
     """
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -401,13 +375,14 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
     state = State(torch.zeros(n, dtype=torch.bool), method=baselines.build_method(args, model, seed))
     gen = torch.Generator().manual_seed(seed)
     A = np.full((T, T), np.nan)
-    shapley, silent, resets, epochs_run, t0, start = [], [], [], [], time.time(), 0
+    silent, resets, epochs_run, t0, start = [], [], [], time.time(), 0
     if saved is not None:
         restore_checkpoint(saved, model, state, gen, c, device)
         A[:] = np.array(saved["accuracy_matrix"], dtype=float)
-        shapley, silent, epochs_run = saved["shapley"], saved["silent_units"], saved["epochs_run"]
+        state.method.records, silent, epochs_run = saved["records"], saved["silent_units"], saved["epochs_run"]
         start = saved["tasks_done"]
         t0 -= saved["seconds"]
+    log = EpochLog(seed, epoch_log, fresh=start == 0) if dist.rank == 0 else None
     for t in range(start, T):
         model.add_head(c)
         if t > 0:
@@ -416,28 +391,12 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
                 resets.append(baselines.gxd_reset(model, t - 1, *eval_set(bench.tasks[t - 1].val,
                                                                           args.shapley_eval_batches, device),
                                                   state.frozen, args.reset_rate, seed * 1000 + t))
-        state.method.before_task(t, model)
-        frozen_heads = t if args.method in baselines.FROZEN_HEADS else 0
-        freezer = snv_core.Freezer(model, state.frozen.to(device), frozen_heads)
-        data_tasks = list(range(t + 1)) if args.method == "joint" else [t]
-        epochs_run.append(train_phase(model, bench, t, data_tasks, args.epochs, freezer, state, args, device, gen,
-                                      f"task {t + 1}/{T}", dist))
-        if args.method == "snv":
-            mu, selected, record = select_neurons(model, bench, t, state, args, device, seed, dist)
-            members = state.frozen | selected
-            if args.inference == "masked":
-                state.subnets.append((members.to(device), mu.to(device)))
-                if args.mask_finetune_epochs > 0:
-                    keeper = snv_core.Freezer(model, ~members.to(device), 0)
-                    record["mask_finetune_epochs"] = train_phase(model, bench, t, [t], args.mask_finetune_epochs,
-                                                                 freezer, state, args, device, gen,
-                                                                 f"task {t + 1}/{T} (mask)", dist)
-                    keeper.restore()
-            state.frozen = members
-            record["frozen_total"] = int(members.sum())
-            record["frozen_per_layer"] = snv_core.layer_counts(model, members)
-            shapley.append(record)
-        state.method.after_task(model, state, task_loop(model, bench, t, freezer, state, args, device, gen, dist))
+        method = state.method
+        method.before_task(t, model)
+        freezer = snv_core.Freezer(model, state.frozen.to(device), t if method.freezes_heads else 0)
+        epochs_run.append(train_phase(model, bench, t, method.data_tasks(t), args.epochs, freezer, state, args,
+                                      device, gen, f"task {t + 1}/{T}", dist, log))
+        method.after_task(model, state, task_loop(model, bench, t, freezer, state, args, device, gen, dist, log))
         silent.append(snv_core.layer_counts(model, snv_core.silent_units(
             model, bench.tasks[t].val.batches(args.eval_batch_size, device=device))))
         for j in range(t + 1):
@@ -447,12 +406,13 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
         if dist.rank == 0 and checkpoint is not None:
             save_checkpoint(checkpoint, args, seed, model, state, gen, {
                 "tasks_done": t + 1, "accuracy_matrix": A.tolist(), "random_init_accuracy": b,
-                "epochs_run": epochs_run, "shapley": shapley, "silent_units": silent, "seconds": time.time() - t0})
+                "epochs_run": epochs_run, "records": state.method.records, "silent_units": silent, "seconds": time.time() - t0})
         if dist.rank == 0:
             print(f"[seed {seed}] task {t + 1}/{T}: " + " ".join(f"{a:.4f}" for a in A[t, :t + 1]), flush=True)
     joint_diag = load_joint_diag(args.joint_results, seed, T) if args.joint_results else None
     pruning = {"pruning": pruning_curve(model, bench, state, args, device)} if args.prune_analysis else {}
-    frozen = int(state.frozen.sum()) if args.method in baselines.NEURON_FREEZING else None
+    frozen = int(state.frozen.sum()) if state.method.freezes_neurons else None
+    records = {"shapley": [], "method_records": [], state.method.records_key: state.method.records}
     return {
         "args": vars(args), "seed": seed, "command": command_line(), "device": device_name(device),
         "machine": machine(), "git_commit": git_commit(), "seconds": round(time.time() - t0, 1),
@@ -460,8 +420,26 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
         "accuracy_matrix": [[None if np.isnan(a) else float(a) for a in row] for row in A],
         "random_init_accuracy": b, "epochs_run": epochs_run, "silent_units": silent,
         "metrics": metrics.compute_metrics(A, np.array(b), joint_diag, frozen, n),
-        "shapley": shapley, "method_records": state.method.records, "resets": resets, **pruning,
+        **records, "resets": resets, **pruning,
     }
+
+
+class EpochLog:
+    """Where train_phase's per-epoch records go: one line on stdout each, and a JSON line in `path` if given."""
+
+    def __init__(self, seed: int, path: Path | None, fresh: bool) -> None:
+        self.seed, self.path = seed, path
+        if path is not None and fresh:
+            path.unlink(missing_ok=True)
+
+    def __call__(self, record: dict) -> None:
+        record = {"seed": self.seed, **record}
+        tqdm.write(f"[seed {self.seed}] {record['phase']} epoch {record['epoch']}: train loss "
+                   f"{record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, val acc "
+                   f"{record['val_accuracy']:.4f}, {record['seconds']:.1f} s", file=sys.stdout)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 def load_joint_diag(path: str, seed: int, T: int) -> np.ndarray:
@@ -479,7 +457,7 @@ def load_joint_diag(path: str, seed: int, T: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- checkpoints (--resume)
 
 CHECKPOINT_KEYS = frozenset({"format_version", "dataset", "seed", "config", "tasks_done", "accuracy_matrix",
-                             "random_init_accuracy", "epochs_run", "shapley", "silent_units", "seconds", "model",
+                             "random_init_accuracy", "epochs_run", "records", "silent_units", "seconds", "model",
                              "frozen", "subnets", "generator", "torch_rng", "cuda_rng", "numpy_rng"})
 
 
@@ -593,14 +571,23 @@ def git_commit() -> str:
         return "unknown"
 
 
+def file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0o644 for the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write atomically: `write` fills a temporary file in the same folder, which then replaces `path`."""
+    """Write atomically: `write` fills a temporary file in the same folder, which then replaces `path`; the file
+    gets the mode a plainly created file would (mkstemp's own is 0600, unreadable to collaborators)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -622,14 +609,16 @@ def summarize(results: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI; every option also accepts its underscore spelling (--num_tasks)."""
+    """The CLI: the common options, then each registered method's and score's own; every option with a dash also
+    accepts its underscore spelling (--num_tasks)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     def add(name: str, **kw) -> None:
-        p.add_argument(name, name.replace("-", "_").replace("__", "--", 1), **kw)
+        alias = name.replace("-", "_").replace("__", "--", 1)
+        p.add_argument(*dict.fromkeys((name, alias)), **kw)
 
-    add("--method", choices=METHODS, default="snv",
-        help="snv, the sgd (fine-tuning) / joint bounds, or a baseline (see baselines.py)")
+    add("--method", choices=tuple(baselines.METHODS), default="snv", help=baselines.method_help())
+    add("--importance", choices=tuple(baselines.SCORES), default=None, help=baselines.importance_help())
     add("--dataset", choices=datasets.BENCHMARKS, default="pmnist")
     add("--num-tasks", type=int, default=None, help="default: the dataset's (pmnist 10, splitmnist 5, ...)")
     add("--scenario", choices=SCENARIOS, default="task_il")
@@ -637,19 +626,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--width", type=int, default=None, help="hidden units (MLP) or base channels (ResNet); default 200 / 64")
     add("--sparsity", type=float, default=None,
         help="capacity c: k = floor(c N) neurons per task (wsn: fraction of each layer's weights); default 1/T")
-    add("--estimator", choices=("snv", "neuron_shapley"), default="snv",
-        help="snv: forward walks + truncation + z-bandit; neuron_shapley: reverse walks + Bernstein bandit")
-    add("--truncation", type=float, default=0.1, help="tau: skip marginals while V(S) <= tau")
-    add("--confidence", type=float, default=0.95, help="alpha of the bandit's z_alpha")
-    add("--bandit-threshold", choices=("kth", "midpoint"), default="kth",
-        help="phi^(k): the k-th largest estimate (paper) or the midpoint of the k-th and (k+1)-th")
-    add("--max-permutations", type=int, default=200, help="cap on Monte Carlo orderings per task")
-    add("--shapley-eval-batches", type=int, default=8, help="V(S) is evaluated on this many batches of 64")
+    add("--shapley-eval-batches", type=int, default=8,
+        help="V(S) and the data-driven scores use this many validation batches of 64")
     add("--shapley-impl", choices=("fast", "naive"), default="fast", help="coalition-batched or one forward each")
-    add("--inference", choices=("masked", "dense"), default="masked",
-        help="masked: task t runs through its subnetwork (Eq. 1); dense: the paper-literal full network")
     add("--mask-finetune-epochs", type=int, default=None,
-        help="epochs of training task t through its own mask after selection (masked only); default epochs/10")
+        help="epochs of training task t through its own mask after selection (snv masked, packnet); "
+             "default epochs/10")
+    add("--reset", choices=("none", "gxd"), default="none",
+        help="gxd: before each new task, He-reinitialise the plastic neurons of lowest GXD utility")
+    add("--reset-rate", type=float, default=0.1, help="--reset gxd: fraction of the plastic neurons reset per task")
     add("--epochs", type=int, default=None, help="max epochs per task; default: the dataset's")
     add("--batch-size", type=int, default=None)
     add("--eval-batch-size", type=int, default=500)
@@ -678,15 +663,17 @@ def build_parser() -> argparse.ArgumentParser:
              "baselines and --reset keep their finished seeds only: their checkpoints cannot be continued)")
     add("--no-figures", action="store_true")
     add("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(), help="tqdm bars")
-    baselines.add_arguments(add)
+    for flag in baselines.all_flags():
+        add(flag.name, **flag.kwargs)
     return p
 
 
-RANGES = (("--num-tasks", ">= 1"), ("--sparsity", "(0, 1]"), ("--truncation", "[0, 1)"), ("--confidence", "(0, 1)"),
-          ("--max-permutations", ">= 1"), ("--shapley-eval-batches", ">= 1"), ("--epochs", ">= 1"),
+RANGES = (("--num-tasks", ">= 1"), ("--sparsity", "(0, 1]"), ("--shapley-eval-batches", ">= 1"), ("--epochs", ">= 1"),
           ("--mask-finetune-epochs", ">= 0"), ("--batch-size", ">= 1"), ("--eval-batch-size", ">= 1"),
-          ("--lr", "> 0"), ("--patience", ">= 1"), ("--weight-decay", ">= 0"), ("--width", ">= 1"))
-"""The numeric flags and their allowed values: '>= x', '> x', or an interval such as '(0, 1]'."""
+          ("--lr", "> 0"), ("--patience", ">= 1"), ("--weight-decay", ">= 0"), ("--width", ">= 1"),
+          ("--reset-rate", "(0, 1]"))
+"""The common numeric flags and their allowed values: '>= x', '> x', or an interval such as '(0, 1]' (the methods'
+and scores' own are in baselines.flag_ranges())."""
 
 
 def in_range(args: argparse.Namespace, flag: str, allowed: str) -> tuple[bool, str]:
@@ -715,7 +702,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.mask_finetune_epochs = max(1, args.epochs // 10)
     args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(args)
-    checks = [in_range(args, flag, allowed) for flag, allowed in RANGES + baselines.RANGES] + [
+    checks = [in_range(args, flag, allowed) for flag, allowed in RANGES + baselines.flag_ranges()] + [
         (len(set(args.seeds)) == len(args.seeds), f"--seeds has duplicates: {args.seeds}"),
         (args.device != "cuda" or torch.cuda.is_available(), "--device cuda was given but CUDA is not available: "
                                                             "use --device cpu or auto"),
@@ -761,7 +748,7 @@ def check_previous(out: Path, seed: int, args: argparse.Namespace) -> None:
         if diff := config_diff(result_config(saved), result_config(vars(args))):
             raise UsageError(f"{result}: results of a run with other settings ({diff}); pass --overwrite to redo "
                              "the seed, or choose another --out-dir")
-    elif checkpoint.exists() and args.resume and not baselines.resumable(args):
+    elif checkpoint.exists() and args.resume and not baselines.resumable(args.method, args.reset):
         raise UsageError(f"{checkpoint}: --method {args.method} --reset {args.reset} keeps state between tasks that "
                          f"the checkpoint does not hold, so the seed cannot continue: start it over with --seeds {seed} "
                          "--overwrite")
@@ -823,7 +810,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.resume and path.exists():
                 results.append(json.loads(path.read_text()))
                 continue
-            result = run_seed(args, seed, device, checkpoint=checkpoint_path(out, seed), dist=dist)
+            result = run_seed(args, seed, device, checkpoint=checkpoint_path(out, seed), dist=dist,
+                              epoch_log=out / f"log_seed{seed}.jsonl")
             dist.check_agreement(result)
             if dist.rank == 0:
                 finish_seed(out, result, args)
