@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every experiment of the SNV paper (PAPER.md sections 2 and 4), one train.py results folder each.
+# Every experiment of the SNV paper (docs/paper.md sections 2 and 4), one train.py results folder each.
 #
 #   bash run_experiments.sh [--dry-run] [--quick | --compare] [--only GROUP[,GROUP...]]
 #
@@ -7,7 +7,7 @@
 #   bounds        sgd (lower bound) and joint (upper bound) for every main-table setting
 #   pmnist        SNV on PMNIST, 10 tasks, TIL and CIL
 #   splitmnist    SNV and SGD on Split-MNIST, 5 tasks, TIL and CIL, at a CPU profile (not the paper's: ResNet-18
-#                 --width 8, 10 epochs, 30 Shapley orderings on 2 x 64 images; see README)
+#                 --width 8, 10 epochs, 30 Shapley orderings on 2 x 64 images; see docs/results.md)
 #   cifar100      SNV on CIFAR-100, 10 and 20 tasks, TIL and CIL
 #   tinyimagenet  SNV on TinyImageNet, 10 and 20 tasks, TIL and CIL
 #   imagenet1k    SNV on ImageNet-1k, 10, 20 and 50 tasks, TIL and CIL

@@ -445,11 +445,28 @@ def table_blocks(lines: list[str]) -> list[tuple[list[str], str]]:
     return blocks
 
 
-def test_readme_tables_copied_from_results_md_match_it() -> None:
-    """A README table with mean ± std cells, or marked "(From RESULTS.md", is verbatim in RESULTS.md."""
+def copied_tables(markdown: str) -> list[list[str]]:
+    """The tables of `markdown` copied from RESULTS.md: with mean ± std cells, or followed by "(From RESULTS.md"
+    or by report.py's "n seeds:" line."""
+    return [rows for rows, after in table_blocks(markdown.splitlines())
+            if after.startswith(("(From RESULTS.md", "n seeds:")) or any("±" in r for r in rows)]
+
+
+@pytest.mark.parametrize("doc", ["README.md", *sorted(p.relative_to(HERE).as_posix() for p in HERE.glob("docs/*.md"))])
+def test_tables_copied_from_results_md_match_it(doc: str) -> None:
+    """Every table that README.md or a docs/ page copies from RESULTS.md is verbatim in RESULTS.md; README.md and
+    docs/results.md have such tables."""
     generated = set((HERE / "RESULTS.md").read_text().splitlines())
-    copied = [rows for rows, after in table_blocks((HERE / "README.md").read_text().splitlines())
-              if after.startswith("(From RESULTS.md") or any("±" in r for r in rows)]
-    assert copied, "README has no table copied from RESULTS.md"
+    copied = copied_tables((HERE / doc).read_text())
+    assert copied or doc not in ("README.md", "docs/results.md"), f"{doc} has no table copied from RESULTS.md"
     stale = [r for rows in copied for r in rows if r not in generated]
-    assert not stale, f"README rows not in RESULTS.md (copy them again from it): {stale}"
+    assert not stale, f"{doc} rows not in RESULTS.md (copy them again from it): {stale}"
+
+
+def test_copied_tables_are_recognised() -> None:
+    """A table counts as copied when it has ± cells or is followed by report.py's "(From RESULTS.md" or "n seeds:"."""
+    rows = ["| run | ACC (%) |", "|---|---|", "| SNV | 93.07 ± 0.21 |"]
+    assert copied_tables("\n".join(rows) + "\n") == [rows]
+    assert copied_tables("\n".join(rows[:2] + ["| SNV | 93.07 |"]) + "\n\n(From RESULTS.md, written by report.py)\n")
+    assert copied_tables("\n".join(rows[:2] + ["| SNV | 93.07 |"]) + "\nn seeds: 1 per run\n")
+    assert not copied_tables("\n".join(rows[:2] + ["| SNV | 93.07 |"]) + "\n\nsome text\n")
