@@ -203,3 +203,25 @@ def test_the_training_step_never_waits_for_the_device(tmp_path, monkeypatch):
     steps = [len(bench.tasks[0].train) // b for b in (48, 4)]
     assert steps[1] >= 5 * steps[0]  # not vacuous: ten times the steps
     assert counts[0] == counts[1], counts
+
+
+IMPORT_TO_DISTRIBUTION = {"PIL": "pillow"}
+"""Import names whose distribution on PyPI has another name."""
+OPTIONAL = {"torchvision"}
+"""Imported lazily by a code path that says how to install it; the project does not need it."""
+
+
+def test_requirements_cover_every_third_party_import():
+    imported = set()
+    for path in HERE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {p.stem for p in HERE.glob("*.py")} - OPTIONAL - {
+        "__future__"}
+    lines = (HERE / "requirements.txt").read_text().splitlines()
+    required = {line.split("==")[0].split(">=")[0].strip().lower() for line in lines if line.strip()}
+    assert "pillow" in {IMPORT_TO_DISTRIBUTION.get(m, m).lower() for m in third_party}  # datasets.py decodes JPEGs
+    assert {IMPORT_TO_DISTRIBUTION.get(m, m).lower() for m in third_party} <= required

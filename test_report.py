@@ -309,7 +309,7 @@ def test_dry_run_resumes_and_skips(tmp_path: Path) -> None:
 def test_dry_run_baselines_file(tmp_path: Path) -> None:
     listing = tmp_path / "baselines.txt"
     listing.write_text("# comment\n\n"
-                       "python baselines.py rank-correlation --dataset pmnist --seeds 42 43 --out-dir results/rc\n"
+                       "python rank_correlation.py --dataset pmnist --seeds 42 43 --out-dir results/rc\n"
                        "python train.py --dataset pmnist --scenario task_il --method ewc --ewc-lambda 100 "
                        "--seeds 42 43 44 --out-dir results/pmnist_task_il_ewc-lambda100_T10\n"
                        "python train.py --dataset pmnist --scenario class_il --method snv --importance random "
@@ -329,7 +329,7 @@ def test_dry_run_baselines_file(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert f"python baselines.py rank-correlation --dataset pmnist --out-dir {res}/baselines/rc --seeds 42 43" in lines
+    assert f"python rank_correlation.py --dataset pmnist --out-dir {res}/baselines/rc --seeds 42 43" in lines
     ewc = [x for x in commands(proc.stdout) if "ewc-lambda100" in x]
     assert ewc[0] == (f"python train.py --dataset pmnist --scenario task_il --method ewc --ewc-lambda 100 --prune-analysis "
                       f"--out-dir {res}/baselines/pmnist_task_il_ewc-lambda100_T10 --seeds 42 --overwrite")  # not continued
