@@ -19,7 +19,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models import ContinualNet, NeuronBatchNorm2d, NeuronGate
+from models import MLP, ContinualNet, NeuronBatchNorm2d, NeuronGate
+
+SHAPLEY_IMPLS = ("fast", "naive", "incremental")
+"""MaskedAccuracy's evaluators of V(S) (the first is the default)."""
 
 ValueFn = Callable[[Tensor], Tensor]
 """V: coalitions as keep-masks [K, N] bool -> values [K] float64."""
@@ -83,11 +86,15 @@ class MaskedAccuracy:
 
     def __init__(self, model: ContinualNet, task: int, x: Tensor, y: Tensor, mu: Tensor,
                  impl: str = "fast", chunk: int = 32) -> None:
-        if impl not in ("naive", "fast"):
-            raise ValueError(f"unknown Shapley implementation {impl!r}: use 'fast' or 'naive'")
+        if impl not in SHAPLEY_IMPLS:
+            raise ValueError(f"unknown Shapley implementation {impl!r}: use one of {', '.join(SHAPLEY_IMPLS)}")
+        if impl == "incremental" and not isinstance(model, MLP):
+            raise ValueError(f"the incremental Shapley evaluator supports the MLP only, not {type(model).__name__}: "
+                             "use --shapley-impl fast")
         self.model, self.task, self.x, self.y, self.mu = model, task, x, y, mu
         self.impl, self.chunk = impl, chunk
         self.evaluations = 0
+        self.recomputed = 0
         self.mu_layers = model.split_neurons(mu)
         self.groups_in = [0.0] * len(model.stage_layers)
         self.groups_out = [0.0] * len(model.stage_layers)
@@ -100,6 +107,11 @@ class MaskedAccuracy:
         keeps = keeps.to(self.mu.device)
         if self.impl == "naive":
             return torch.stack([self._naive(keep) for keep in keeps]).cpu()
+        if self.impl == "incremental":
+            inc = _IncrementalMLP(self, keeps)
+            values = inc.run()
+            self.recomputed += inc.recomputed
+            return values.cpu()
         z0 = self.model.stage_in(0, self.x)  # depends on no gate: shared by all chunks
         self.groups_in[0] += 1
         return torch.cat([self._fast(block, z0) for block in torch.split(keeps, self.chunk)]).cpu()
@@ -188,6 +200,190 @@ class MaskedAccuracy:
         bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
         diff = (a.view(bits) ^ b.view(bits)).flatten(1)
         return (diff.amax(1) == 0) & (diff.amin(1) == 0)
+
+
+def _gamma(n: int, u: float) -> float:
+    """gamma_n = n u / (1 - n u): |fl(sum of n products) - exact| <= gamma_n * (sum of their magnitudes), any order."""
+    return n * u / (1 - n * u)
+
+
+U32, U64 = 2.0 ** -24, 2.0 ** -53
+
+
+class _IncrementalMLP:
+    """The incremental evaluator's state over one block of coalitions [K, N] of an MLP (see MaskedAccuracy).
+
+    Layers: hidden m = 0..L-1 with pre-activations z[m] [E, n_m] and outputs h[m] = relu(where(keep_m,
+    z[m], mu_m)); z[L] [E, C] are the logits; linear m (w[m], b[m]) computes z[m] from h[m-1], linear L is
+    the head. z[0] is naive's own float32 first layer (no gate before it: exact); z[1..L], h are float64.
+    """
+
+    def __init__(self, acc: MaskedAccuracy, keeps: Tensor) -> None:
+        model, head = acc.model, acc.model.heads[acc.task]
+        self.acc, self.keeps = acc, keeps
+        self.w = [lin.weight.double() for lin in model.linears] + [head.weight.double()]
+        self.b = [lin.bias.double() for lin in model.linears] + [head.bias.double()]
+        self.abs_w = [w.abs().float() for w in self.w]
+        self.abs_b = [b.abs().float() for b in self.b]
+        self.depth = len(model.linears)
+        self.mu = [m.double() for m in acc.mu_layers]
+        self.layer_keeps = model.split_neurons(keeps)
+        self.g32 = [_gamma(w.shape[1] + 1, U32) for w in self.w]
+        self.row_sum = [float(w.sum(1).max()) * (1 + 2.0 ** -10) for w in self.abs_w]  # float32 sums, rounded up
+        self.b_max = [float(b.max()) for b in self.abs_b]
+        self.z1 = model.stage_in(0, acc.x)
+        e, dev = acc.x.shape[0], keeps.device
+        self.z, self.h = [self.z1.double()], []
+        for m in range(self.depth):
+            self.h.append(self.hidden(m, 0, self.z[m]))
+            self.z.append(self.h[m] @ self.w[m + 1].T + self.b[m + 1])
+        self.h_max = [h.amax(1) for h in self.h]  # per image
+        # running maxima of |z[m]| and the largest toggle, for the float64 drift bound iota
+        self.z_max = [float(z.abs().max()) for z in self.z]
+        self.toggles = 1
+        self.pred = torch.full((keeps.shape[0], e), -1, dtype=torch.long, device=dev)
+        self.pending: list[tuple[int, Tensor]] = []
+        self.recomputed = 0
+
+    def hidden(self, m: int, k: int, z: Tensor, units: Tensor | None = None) -> Tensor:
+        """relu(where(keep_m of coalition k, z, mu_m)) on z [R, n_m] (or on the columns `units` of it)."""
+        keep, mu = self.layer_keeps[m][k], self.mu[m]
+        if units is not None:
+            keep, mu = keep[units], mu[units]
+        return torch.relu(torch.where(keep, z, mu))
+
+    def iota(self, k: int) -> list[float]:
+        """iota_m >= |z[m] - (w_m h[m-1] + b_m)| (float64 rounding of the last fresh product plus at most k
+        rank updates), m = 0..L (iota_0 = 0)."""
+        out = [0.0]
+        for m in range(1, self.depth + 1):
+            h_max = max(self.z_max[m - 1], float(self.mu[m - 1].abs().max()))  # h = relu(z or mu)
+            fresh = _gamma(self.w[m].shape[1] + 1, U64) * (self.row_sum[m] * h_max + self.b_max[m])
+            out.append(fresh + k * _gamma(self.toggles + 3, U64) * (self.z_max[m] + 2 * self.row_sum[m] * h_max))
+        return out
+
+    def run(self) -> Tensor:
+        e = self.acc.x.shape[0]
+        self.certify(0, torch.arange(e, device=self.keeps.device))
+        for k in range(1, self.keeps.shape[0]):
+            self.pred[k] = self.pred[k - 1]
+            self.certify(k, self.step(k))
+        self.exact()
+        for k in range(1, self.keeps.shape[0]):  # unflagged images inherit coalition k-1's (possibly exact) answer
+            self.pred[k] = torch.where(self.pred[k] < 0, self.pred[k - 1], self.pred[k])
+        return (self.pred == self.acc.y).double().mean(1)
+
+    def step(self, k: int) -> Tensor:
+        """Move the state from coalition k-1 to k; returns the images whose naive logits may have changed."""
+        e, dev = self.acc.x.shape[0], self.keeps.device
+        flag = torch.zeros(e, dtype=torch.bool, device=dev)
+        rows = torch.empty(0, dtype=torch.long, device=dev)
+        for m in range(self.depth):
+            z, h = self.z[m], self.h[m]
+            h_rows = self.hidden(m, k, z.index_select(0, rows))
+            changed = (h_rows != h.index_select(0, rows)).any(1)
+            dense, touched = rows[changed], rows
+            h[rows] = h_rows
+            tog = (self.layer_keeps[m][k] != self.layer_keeps[m][k - 1]).nonzero().squeeze(1)
+            low = rows[:0]
+            if tog.numel() > 0:
+                h_tog = self.hidden(m, k, z[:, tog], tog)
+                d = h_tog - h[:, tog]
+                moved = (d != 0).any(1)
+                flag |= moved
+                if m > 0:
+                    flag |= self.may_move(k, m, tog, ~flag)
+                h[:, tog] = h_tog
+                touched = torch.cat([rows, moved.nonzero().squeeze(1)])
+                moved[rows] = False
+                low = moved.nonzero().squeeze(1)
+                self.toggles = max(self.toggles, tog.numel())
+            self.h_max[m][touched] = h.index_select(0, touched).amax(1)
+            rows = torch.cat([dense, low])
+            nxt = self.z[m + 1]
+            if dense.numel() > 0:
+                nxt[dense] = h.index_select(0, dense) @ self.w[m + 1].T + self.b[m + 1]
+            if low.numel() > 0:
+                nxt[low] += d[low] @ self.w[m + 1][:, tog].T
+            if rows.numel() > 0:
+                self.z_max[m + 1] = max(self.z_max[m + 1], float(nxt.index_select(0, rows).abs().max()))
+        return flag.nonzero().squeeze(1)
+
+    def may_move(self, k: int, m: int, tog: Tensor, rows: Tensor) -> Tensor:
+        """[E] bool: among `rows` ([E] bool, images whose naive state so far is unchanged), those where a
+        toggled unit of hidden layer m >= 1 may output something else in naive: certain only where
+        mu_i <= 0 and z[m] + Delta_m <= 0 (both outputs are then relu = 0)."""
+        if bool((self.mu[m][tog] > 0).any()):
+            return rows
+        idx = rows.nonzero().squeeze(1)
+        out = torch.zeros_like(rows)
+        out[idx] = self.z[m][idx][:, tog].amax(1) + self.deltas(k, idx)[m] > 0
+        return out
+
+    def deltas(self, k: int, idx: Tensor) -> list[Tensor]:
+        """Delta_m [R] >= max_j |naive z[m] - z[m]| of images idx at coalition k, m = 0..L-1 (Delta_0 = 0)."""
+        iota = self.iota(k)
+        out = [torch.zeros(idx.numel(), dtype=torch.float64, device=idx.device)]
+        for m in range(1, self.depth):
+            rho = float((self.abs_w[m] @ self.layer_keeps[m - 1][k].float()).max()) * (1 + 2.0 ** -10)
+            prev, h_max = out[-1], self.h_max[m - 1].index_select(0, idx)
+            out.append((rho * prev + self.g32[m] * (self.row_sum[m] * (h_max + prev) + self.b_max[m]) + iota[m])
+                       * (1 + 2.0 ** -10))
+        return out
+
+    def certify(self, k: int, idx: Tensor) -> None:
+        """Set pred[k, idx] where the rigorous bound B on |naive logits - z[L]| leaves naive's argmax no
+        choice; set the rest to -1 and queue them for the exact path. B's nonnegative terms are summed in
+        float32 (relative error < 1e-4) and inflated by 2^-10."""
+        if idx.numel() == 0:
+            return
+        delta = self.deltas(k, idx)
+        iota = self.iota(k)
+        keeps = [lk[k].float() for lk in self.layer_keeps]
+        prop = torch.eye(self.w[-1].shape[0], device=idx.device)  # P_L
+        bound = torch.zeros(idx.numel(), prop.shape[0], device=idx.device)
+        for m in range(self.depth, 0, -1):
+            q = prop @ self.abs_w[m]  # Q_m = P_m |w_m|: [C, n_{m-1}]
+            bound += self.g32[m] * (self.h[m - 1].index_select(0, idx).float() @ q.T
+                                    + delta[m - 1].float().unsqueeze(1) * (q @ keeps[m - 1])
+                                    + prop @ self.abs_b[m]) + iota[m] * prop.sum(1)
+            prop = q * keeps[m - 1]  # P_{m-1} = P_m |w_m| D_{m-1}
+        logits = self.z[-1].index_select(0, idx)
+        bound = bound.double() * (1 + 2.0 ** -10) + 4 * U64 * logits.abs()  # and the rounding of logits -+ B
+        top = logits.argmax(1, keepdim=True)
+        low = (logits - bound).gather(1, top).squeeze(1)
+        high = (logits + bound).scatter(1, top, -math.inf).amax(1)
+        sure = low > high
+        self.pred[k, idx] = torch.where(sure, top.squeeze(1), -1)
+        self.pending.append((k, idx[~sure]))
+
+    @torch.no_grad()
+    def exact(self) -> None:
+        """The naive forward for the queued (coalition, image) pairs, batched (at least E rows per batch,
+        as in the fast path); with E < 4, whole naive passes."""
+        acc, model = self.acc, self.acc.model
+        pairs = [(torch.full_like(idx, k), idx) for k, idx in self.pending if idx.numel() > 0]
+        if not pairs:
+            return
+        coalition, image = (torch.cat(t) for t in zip(*pairs))
+        self.recomputed += coalition.numel()
+        e = acc.x.shape[0]
+        if e < 4:
+            for k in coalition.unique().tolist():
+                with model.gated(self.keeps[k], acc.mu):
+                    self.pred[k] = model(acc.x, acc.task).argmax(1)
+            return
+        for c, i in zip(torch.split(coalition, 4096), torch.split(image, 4096)):
+            m = c.numel()
+            pad = torch.arange(max(e - m, 0), device=c.device) % m
+            c_all, i_all = torch.cat([c, c[pad]]), torch.cat([i, i[pad]])
+            h = self.z1.index_select(0, i_all)
+            layer_keeps = model.split_neurons(self.keeps.index_select(0, c_all))
+            for s in range(self.depth):
+                zz = h if s == 0 else model.stage_in(s, h)
+                with model.gated_layers({s: (layer_keeps[s], acc.mu_layers[s])}):
+                    h = model.stage_out(s, zz)
+            self.pred[c, i] = model.heads[acc.task](model.pool(h))[:m].argmax(1)
 
 
 def exact_shapley(v: ValueFn, n: int) -> Tensor:

@@ -645,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="phi^(k): the k-th largest estimate (paper) or the midpoint of the k-th and (k+1)-th")
     add("--max-permutations", type=int, default=200, help="cap on Monte Carlo orderings per task")
     add("--shapley-eval-batches", type=int, default=8, help="V(S) is evaluated on this many batches of 64")
-    add("--shapley-impl", choices=("fast", "naive"), default="fast", help="coalition-batched or one forward each")
+    add("--shapley-impl", choices=snv_core.SHAPLEY_IMPLS, default="fast", help="V(S) evaluator: fast (staged, bitwise = naive), naive (one forward each), incremental (MLP: rank-1 updates, argmax certified against naive)")
     add("--inference", choices=("masked", "dense"), default="masked",
         help="masked: task t runs through its subnetwork (Eq. 1); dense: the paper-literal full network")
     add("--mask-finetune-epochs", type=int, default=None,
