@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -162,7 +163,9 @@ def main() -> None:
     rounds = args.rounds or (3 if args.quick else 5)
     snv_core.reuse_freed_memory()
     torch.manual_seed(0)
-    print(f"bench_shapley: {' '.join(sys.argv)}\nmachine: {platform.platform()}, torch {torch.__version__}, "
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    print(f"bench_shapley: {' '.join(sys.argv)}\ncommit: {commit}\nmachine: {platform.platform()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}")
     peak = matmul_flops(device)
 
@@ -198,7 +201,8 @@ def main() -> None:
         print(f"\n[whole default Shapley step, PMNIST MLP task 1, fast] c=0.1, tau=0.1, alpha=0.95, cap 200: "
               f"{step['orderings']} orderings, {step['evaluations']} evaluations, {step['seconds']:.1f} s")
     if args.out:
-        Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "machine": platform.platform(),
+        Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "commit": commit,
+                                              "threads": torch.get_num_threads(), "machine": platform.platform(),
                                               "device": str(device), "matmul_gflops": peak / 1e9,
                                               "rounds": rounds, "mlp_speedup": mlp_speedup,
                                               "resnet_speedup": resnet_speedup,
