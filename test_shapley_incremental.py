@@ -117,3 +117,37 @@ def test_incremental_rejects_the_resnet():
     x, y = torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="MLP only"):
         snv_core.MaskedAccuracy(model, 0, x, y, torch.zeros(model.num_neurons), "incremental")
+
+
+def test_incremental_rechecks_images_whose_naive_unit_may_fire():
+    """Neuron 8 (layer 2, mu = -1) sums three equal inputs with weights a + b + c ~ 0: on some images naive's
+    float32 pre-activation is > 0 where the float64 one is <= 0. Adding it to S then changes naive's answer
+    (a weight 1e8 carries it to class 1) while our float64 output stays relu = 0: only the check
+    z + Delta > 0 sends these images to the exact path."""
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), width=8)
+    model.add_head(2)
+    model.eval()
+    x, y = torch.rand(64, 1, 8, 8) + 0.5, torch.zeros(64, dtype=torch.long)
+    l0, l1, l2, l3, head = *model.linears, model.heads[0]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        l0.weight[:3], l0.bias[:3] = l0.weight[0].abs(), 0.1  # units 0, 1, 2 of layer 1: equal outputs
+        for weights in (l1.weight[0], l2.weight[0], l3.weight[0], head.weight):
+            weights.zero_()
+        l1.bias[0] = l2.bias[0] = l3.bias[0] = 0.0
+        l2.weight[0, 0], l3.weight[0, 0], head.weight[1, 0] = 1e8, 1.0, 10.0
+        head.bias[:] = torch.tensor([0.5, 0.0])
+        h = torch.relu(l0(x.flatten(1)))
+        for _ in range(200):
+            a, b = (torch.rand(2, generator=gen) * 2 - 1).tolist()
+            l1.weight[0, :3] = torch.tensor([a, b, -(torch.tensor(a) + torch.tensor(b)).item()])
+            if ((l1(h)[:, 0] > 0) & (h.double() @ l1.weight[0].double() <= 0)).any():
+                break
+    mu = torch.zeros(model.num_neurons)
+    mu[8] = -1.0
+    keeps = torch.ones(2, model.num_neurons, dtype=torch.bool)
+    keeps[0, 8] = False
+    naive, inc, _ = values(model, x, y, mu, keeps)
+    assert naive[0] == 1.0 and naive[1] < 1.0
+    assert torch.equal(inc, naive)
