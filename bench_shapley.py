@@ -1,17 +1,22 @@
-"""Benchmark: the fast V(S) evaluator against the naive one-forward-per-coalition evaluator.
+"""Benchmark: the fast and the certified incremental V(S) evaluators against the naive one-forward-per-coalition one.
 
-Both run side by side in one process on the same coalitions (every prefix of the same seeded
-orderings): (a) the PMNIST MLP (N = 800, 512 evaluation images), (b) ResNet-18 on 32x32x3 inputs at
-a CPU width. Prints coalition evaluations per second, their ratio, the fast path's achieved FLOP/s
-next to a plain matrix multiply's, and the wall time of a whole default Shapley step (until the
-bandit stops or hits its cap) on one trained PMNIST task. The last line is
-`RESULT mlp_speedup=<float> resnet_speedup=<float>`.
+All run in one process on the same coalitions (every prefix of the same seeded orderings), interleaved
+over several rounds: (a) the PMNIST MLP (N = 800, 512 evaluation images): naive, fast, incremental;
+(b) ResNet-18 on 32x32x3 inputs at a CPU width: naive, fast (the incremental evaluator is MLP-only).
+Prints each one's min and median seconds, its speedup over naive (ratio of the minima; of the medians
+in brackets), the fast path's achieved FLOP/s next to a plain matrix multiply's, the share of images the
+incremental one recomputed exactly, and the wall time of a whole default Shapley step (until the
+bandit stops or hits its cap) on one trained PMNIST task. Exits non-zero if any evaluator's V differs
+from naive's on any coalition. The last line is
+`RESULT mlp_speedup=<fast/naive> resnet_speedup=<fast/naive> incremental_speedup=<incremental/naive, MLP>`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -83,38 +88,50 @@ def ordering_coalitions(n: int, orderings: int, positions: int, seed: int) -> Te
 
 
 def compare(name: str, model: ContinualNet, x: Tensor, y: Tensor, keeps: Tensor, device: torch.device,
-            peak: float) -> float:
-    """Time both evaluators on the same coalitions; print the comparison; return the speedup."""
+            peak: float, impls: tuple[str, ...], rounds: int) -> dict[str, float]:
+    """Time the evaluators `impls` (naive first) on the same coalitions, interleaved over `rounds` rounds;
+    print min and median seconds and each one's speedup over naive (min / min); check that every value
+    equals naive's. Returns {impl: speedup}."""
     model.eval()
     mu = snv_core.mean_activations(model, [(x, y)])
-    naive = snv_core.MaskedAccuracy(model, 0, x, y, mu, "naive")
-    fast = snv_core.MaskedAccuracy(model, 0, x, y, mu, "fast")
-    fast(keeps[:2])
+    evaluators = {impl: snv_core.MaskedAccuracy(model, 0, x, y, mu, impl) for impl in impls}
+    for v in evaluators.values():
+        v(keeps[:2])
+    fast = evaluators["fast"]
     fast.groups_in, fast.groups_out = [0] * len(fast.groups_in), [0] * len(fast.groups_out)
-    timings = {}
-    for label, v in (("naive", naive), ("fast", fast)):
-        sync(device)
-        start = time.perf_counter()
-        values = v(keeps)
-        sync(device)
-        timings[label] = (time.perf_counter() - start, values)
-    (t_naive, v_naive), (t_fast, v_fast) = timings["naive"], timings["fast"]
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    values: dict[str, Tensor] = {}
+    for _ in range(rounds):
+        for impl, v in evaluators.items():
+            sync(device)
+            start = time.perf_counter()
+            values[impl] = v(keeps)
+            sync(device)
+            times[impl].append(time.perf_counter() - start)
     flops_in, flops_out, head = stage_flops(model, x)
     e, k = x.shape[0], keeps.shape[0]
     naive_flops = k * e * (sum(flops_in) + sum(flops_out) + head)
     fast_flops = e * (sum(g * f for g, f in zip(fast.groups_in, flops_in)) +
-                      sum(g * f for g, f in zip(fast.groups_out, flops_out)) + k * head)
-    speedup = t_naive / t_fast
+                      sum(g * f for g, f in zip(fast.groups_out, flops_out)) + rounds * k * head) / rounds
+    best = {impl: min(t) for impl, t in times.items()}
     print(f"\n[{name}] N={model.num_neurons} neurons, {e} evaluation images, {k} coalitions "
-          f"(prefixes of the same orderings), device {device}")
-    print(f"  identical values: {torch.equal(v_naive, v_fast)}")
-    print(f"  naive: {k / t_naive:10.1f} coalitions/s  ({t_naive:.2f} s, {naive_flops / t_naive / 1e9:.1f} GFLOP/s)")
-    print(f"  fast : {k / t_fast:10.1f} coalitions/s  ({t_fast:.2f} s, {fast_flops / t_fast / 1e9:.1f} GFLOP/s, "
-          f"{naive_flops / fast_flops:.1f}x fewer FLOPs)")
-    print(f"  plain matmul: {peak / 1e9:.1f} GFLOP/s;  speedup fast/naive = {speedup:.2f}x")
-    if not torch.equal(v_naive, v_fast):
-        raise SystemExit(f"{name}: fast and naive evaluators disagree")
-    return speedup
+          f"(prefixes of the same orderings), device {device}, {rounds} interleaved rounds")
+    for impl in impls:
+        extra = ""
+        if impl == "naive":
+            extra = f", {naive_flops / best[impl] / 1e9:.1f} GFLOP/s"
+        elif impl == "fast":
+            extra = f", {fast_flops / best[impl] / 1e9:.1f} GFLOP/s, {naive_flops / fast_flops:.1f}x fewer FLOPs"
+        elif impl == "incremental":
+            recomputed = evaluators[impl].recomputed / (evaluators[impl].evaluations * e)
+            extra = f", {recomputed:.2%} of (coalition, image) pairs recomputed exactly"
+        print(f"  {impl:<11}: min {best[impl]:7.3f} s, median {statistics.median(times[impl]):7.3f} s, "
+              f"{k / best[impl]:9.1f} coalitions/s, speedup over naive {best['naive'] / best[impl]:5.2f}x "
+              f"(median {statistics.median(times['naive']) / statistics.median(times[impl]):5.2f}x){extra}")
+        if not torch.equal(values[impl], values["naive"]):
+            raise SystemExit(f"{name}: the {impl} and naive evaluators disagree")
+    print(f"  identical values on all {k} coalitions: True;  plain matmul: {peak / 1e9:.1f} GFLOP/s")
+    return {impl: best["naive"] / best[impl] for impl in impls}
 
 
 def train_task(model: ContinualNet, split: datasets.Split, device: torch.device, epochs: int) -> None:
@@ -136,15 +153,19 @@ def main() -> None:
     p.add_argument("--data-dir", default=None, help="MNIST location (default $SNV_DATA_DIR, else ./data)")
     p.add_argument("--resnet-width", type=int, default=8, help="ResNet-18 base channels (64 = full width)")
     p.add_argument("--resnet-images", type=int, default=128, help="evaluation images for the ResNet")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 3 with --quick, else 5)")
     p.add_argument("--skip-step", action="store_true", help="skip the whole-Shapley-step timing")
     p.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
     device = torch.device(args.device)
+    rounds = args.rounds or (3 if args.quick else 5)
     snv_core.reuse_freed_memory()
     torch.manual_seed(0)
-    print(f"bench_shapley: {' '.join(sys.argv)}\nmachine: {platform.platform()}, torch {torch.__version__}, "
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    print(f"bench_shapley: {' '.join(sys.argv)}\ncommit: {commit}\nmachine: {platform.platform()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}")
     peak = matmul_flops(device)
 
@@ -155,7 +176,9 @@ def main() -> None:
     xs, ys = zip(*[b for _, b in zip(range(8), bench.tasks[0].val.batches(64, device=device))])
     x, y = torch.cat(xs), torch.cat(ys)
     mlp_keeps = ordering_coalitions(mlp.num_neurons, 1 if args.quick else 3, 800, seed=1).to(device)
-    mlp_speedup = compare("PMNIST MLP 784-200-200-200-200", mlp, x, y, mlp_keeps, device, peak)
+    mlp_speedups = compare("PMNIST MLP 784-200-200-200-200", mlp, x, y, mlp_keeps, device, peak,
+                           ("naive",) + tuple(i for i in snv_core.SHAPLEY_IMPLS if i != "naive"), rounds)
+    mlp_speedup, incremental_speedup = mlp_speedups["fast"], mlp_speedups["incremental"]
 
     resnet = build_model("resnet18", (3, 32, 32), args.resnet_width).to(device)
     resnet.add_head(10)
@@ -167,7 +190,7 @@ def main() -> None:
     positions = resnet.num_neurons if not args.quick else min(resnet.num_neurons, 300)
     resnet_keeps = ordering_coalitions(resnet.num_neurons, 1, positions, seed=1).to(device)
     resnet_speedup = compare(f"ResNet-18 width {args.resnet_width} (32x32x3, random weights and inputs)", resnet,
-                             rx, ry, resnet_keeps, device, peak)
+                             rx, ry, resnet_keeps, device, peak, ("naive", "fast"), rounds)["fast"]
 
     step = None
     if not args.skip_step:
@@ -178,11 +201,15 @@ def main() -> None:
         print(f"\n[whole default Shapley step, PMNIST MLP task 1, fast] c=0.1, tau=0.1, alpha=0.95, cap 200: "
               f"{step['orderings']} orderings, {step['evaluations']} evaluations, {step['seconds']:.1f} s")
     if args.out:
-        Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "machine": platform.platform(),
+        Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "commit": commit,
+                                              "threads": torch.get_num_threads(), "machine": platform.platform(),
                                               "device": str(device), "matmul_gflops": peak / 1e9,
-                                              "mlp_speedup": mlp_speedup, "resnet_speedup": resnet_speedup,
+                                              "rounds": rounds, "mlp_speedup": mlp_speedup,
+                                              "resnet_speedup": resnet_speedup,
+                                              "incremental_speedup": incremental_speedup,
                                               "shapley_step": step}, indent=1))
-    print(f"RESULT mlp_speedup={mlp_speedup:.2f} resnet_speedup={resnet_speedup:.2f}")
+    print(f"RESULT mlp_speedup={mlp_speedup:.2f} resnet_speedup={resnet_speedup:.2f} "
+          f"incremental_speedup={incremental_speedup:.2f}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models import ContinualNet, NeuronBatchNorm2d, NeuronGate
+from models import MLP, ContinualNet, NeuronBatchNorm2d, NeuronGate
+
+SHAPLEY_IMPLS = ("fast", "naive", "incremental")
+"""MaskedAccuracy's evaluators of V(S) (the first is the default)."""
 
 ValueFn = Callable[[Tensor], Tensor]
 """V: coalitions as keep-masks [K, N] bool -> values [K] float64."""
@@ -78,16 +81,39 @@ class MaskedAccuracy:
     of an ordering differ by one neuron, which changes the activations of only some images (in the
     MLP, those where its ReLU output differs from relu(mu_i)); the other images reuse the previous
     coalition's activations. Same values as naive.
-    `groups_in[s]`, `groups_out[s]` count the images each half of stage s ran for, in units of E.
+    impl="incremental" (MLP only; other models raise ValueError): the K coalitions of a call in order,
+    each from the previous one (see `_IncrementalMLP`). Float64 state: every image's pre-activations z_m
+    of each layer and its logits. When neuron i of layer m joins (or leaves) S, z_{m+1} += W_{m+1}[:, i]
+    (h_i - h_i_old) on the images whose output h_i changed; an image whose z_m changed gets z_{m+1}
+    recomputed from its h_m. Only the images whose naive logits may have changed are re-decided:
+    an image's argmax t is accepted where z_L[t] - B[t] > z_L[c] + B[c] for every c != t, with B a
+    rigorous bound on |naive's float32 logits - z_L|; the others run the naive forward (`recomputed`
+    counts them). So V(S) equals naive's exactly, including ties (a tie has margin 0 < 2B).
+    Error analysis (u = 2^-24, gamma_n = n u / (1 - n u); a float32 product of length n plus a bias, in
+    any summation order, FMA or not, is within gamma_{n+1} (|W| |h| + |b|) of the exact one): naive's
+    layer-1 output is shared bit for bit; at layer m >= 2 naive adds a rounding r_m <= gamma (|W_m| |h^_{m-1}|
+    + |b_m|), our float64 state an inconsistency <= iota_m (float64 rounding of one product and at most K
+    rank updates: ~1e-13 relative). Through a gate (kept: 1-Lipschitz with the ReLU; removed: the exact
+    constant mu in both) and the next layers the logits differ by at most
+    B = sum_m P_m(S) (r_m + iota_m), P_L = I, P_{m-1} = P_m |W_m| D_{m-1}(S), D = diag(1 for members of S),
+    with |h^_{m-1}| <= h_{m-1} + Delta_{m-1} (Delta: the same recursion in the max norm). B is summed in
+    float32 from nonnegative terms and inflated by 2^-10; P is taken for the union of 16 consecutive
+    coalitions (P only grows with S). A neuron toggled in layer m >= 2 leaves naive's image unchanged
+    for sure only where mu_i <= 0 and z_m[i] + Delta_m <= 0 (both outputs relu = 0).
+    `groups_in[s]`, `groups_out[s]` count the images each half of stage s ran for, in units of E (fast).
     """
 
     def __init__(self, model: ContinualNet, task: int, x: Tensor, y: Tensor, mu: Tensor,
                  impl: str = "fast", chunk: int = 32) -> None:
-        if impl not in ("naive", "fast"):
-            raise ValueError(f"unknown Shapley implementation {impl!r}: use 'fast' or 'naive'")
+        if impl not in SHAPLEY_IMPLS:
+            raise ValueError(f"unknown Shapley implementation {impl!r}: use one of {', '.join(SHAPLEY_IMPLS)}")
+        if impl == "incremental" and not isinstance(model, MLP):
+            raise ValueError(f"the incremental Shapley evaluator supports the MLP only, not {type(model).__name__}: "
+                             "use --shapley-impl fast")
         self.model, self.task, self.x, self.y, self.mu = model, task, x, y, mu
         self.impl, self.chunk = impl, chunk
         self.evaluations = 0
+        self.recomputed = 0
         self.mu_layers = model.split_neurons(mu)
         self.groups_in = [0.0] * len(model.stage_layers)
         self.groups_out = [0.0] * len(model.stage_layers)
@@ -100,6 +126,11 @@ class MaskedAccuracy:
         keeps = keeps.to(self.mu.device)
         if self.impl == "naive":
             return torch.stack([self._naive(keep) for keep in keeps]).cpu()
+        if self.impl == "incremental":
+            inc = _IncrementalMLP(self, keeps)
+            values = inc.run()
+            self.recomputed += inc.recomputed
+            return values.cpu()
         z0 = self.model.stage_in(0, self.x)  # depends on no gate: shared by all chunks
         self.groups_in[0] += 1
         return torch.cat([self._fast(block, z0) for block in torch.split(keeps, self.chunk)]).cpu()
@@ -188,6 +219,215 @@ class MaskedAccuracy:
         bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
         diff = (a.view(bits) ^ b.view(bits)).flatten(1)
         return (diff.amax(1) == 0) & (diff.amin(1) == 0)
+
+
+def _gamma(n: int, u: float) -> float:
+    """gamma_n = n u / (1 - n u): |fl(sum of n products) - exact| <= gamma_n * (sum of their magnitudes), any order."""
+    return n * u / (1 - n * u)
+
+
+U32, U64 = 2.0 ** -24, 2.0 ** -53
+
+
+class _IncrementalMLP:
+    """The incremental evaluator's state over one block of coalitions [K, N] of an MLP (see MaskedAccuracy).
+
+    Layers: hidden m = 0..L-1 with pre-activations z[m] [E, n_m] and outputs h[m] = relu(where(keep_m,
+    z[m], mu_m)); z[L] [E, C] are the logits; linear m (w[m], b[m]) computes z[m] from h[m-1], linear L is
+    the head. z[0] is naive's own float32 first layer (no gate before it: exact); z[1..L], h are float64.
+    """
+
+    WINDOW = 16  # coalitions sharing one envelope (see `envelope`)
+
+    def __init__(self, acc: MaskedAccuracy, keeps: Tensor) -> None:
+        model, head = acc.model, acc.model.heads[acc.task]
+        self.acc, self.keeps = acc, keeps
+        self.w = [lin.weight.double() for lin in model.linears] + [head.weight.double()]
+        self.b = [lin.bias.double() for lin in model.linears] + [head.bias.double()]
+        self.abs_w = [w.abs().float() for w in self.w]
+        self.abs_b = [b.abs().float() for b in self.b]
+        self.depth = len(model.linears)
+        self.mu = [m.double() for m in acc.mu_layers]
+        self.layer_keeps = model.split_neurons(keeps)
+        self.g32 = [_gamma(w.shape[1] + 1, U32) for w in self.w]
+        self.row_sum = [float(w.sum(1).max()) * (1 + 2.0 ** -10) for w in self.abs_w]  # float32 sums, rounded up
+        self.b_max = [float(b.max()) for b in self.abs_b]
+        self.z1 = model.stage_in(0, acc.x)
+        e, dev = acc.x.shape[0], keeps.device
+        self.z, self.h = [self.z1.double()], []
+        for m in range(self.depth):
+            self.h.append(self.hidden(m, 0, self.z[m]))
+            self.z.append(self.h[m] @ self.w[m + 1].T + self.b[m + 1])
+        self.h_max = [h.amax(1) for h in self.h]  # per image, an upper bound of max_j h[m][:, j]
+        # a priori bounds of |h[m]| and |z[m]| for iota: |z[m]| <= |w_m| h_bound + |b_m| + iota <= z_bound
+        # (iota is below that sum while 4 k gamma^64_{n+3} <= 1, i.e. for any practical number k of steps)
+        self.z_bound, self.h_bound = [float(self.z1.abs().max())], []
+        for m in range(1, self.depth + 1):
+            self.h_bound.append(max(self.z_bound[-1], float(self.mu[m - 1].abs().max())))
+            self.z_bound.append(2 * (self.row_sum[m] * self.h_bound[-1] + self.b_max[m]))
+        self.pred = torch.full((keeps.shape[0], e), -1, dtype=torch.long, device=dev)
+        self.pending: list[tuple[int, Tensor]] = []
+        self.recomputed = 0
+        self.envelopes: dict[int, tuple[list[float], list[tuple[Tensor, Tensor, Tensor]]]] = {}
+
+    def hidden(self, m: int, k: int, z: Tensor, units: Tensor | None = None) -> Tensor:
+        """relu(where(keep_m of coalition k, z, mu_m)) on z [R, n_m] (or on the columns `units` of it)."""
+        keep, mu = self.layer_keeps[m][k], self.mu[m]
+        if units is not None:
+            keep, mu = keep[units], mu[units]
+        return torch.relu(torch.where(keep, z, mu))
+
+    def iota(self, k: int) -> list[float]:
+        """iota_m >= |z[m] - (w_m h[m-1] + b_m)| after at most k steps, m = 0..L (iota_0 = 0): the float64
+        rounding of the last fresh product, gamma^64_{n+1} (|w_m| |h| + |b_m|), plus that of each rank update
+        since, gamma^64_{n+3} (|z[m]| + |w_m| |h_old - h_new|), with |h[m]| <= h_bound[m], |z[m]| <= z_bound[m]."""
+        return [0.0] + [_gamma(self.w[m].shape[1] + 1, U64) * self.z_bound[m]
+                        + k * _gamma(self.w[m].shape[1] + 3, U64) * (self.z_bound[m] + 2 * self.row_sum[m] * self.h_bound[m - 1])
+                        for m in range(1, self.depth + 1)]
+
+    def run(self) -> Tensor:
+        e = self.acc.x.shape[0]
+        self.certify(0, torch.arange(e, device=self.keeps.device))
+        for k in range(1, self.keeps.shape[0]):
+            self.pred[k] = self.pred[k - 1]
+            self.certify(k, self.step(k))
+        self.exact()
+        for k in range(1, self.keeps.shape[0]):  # unflagged images inherit coalition k-1's (possibly exact) answer
+            self.pred[k] = torch.where(self.pred[k] < 0, self.pred[k - 1], self.pred[k])
+        return (self.pred == self.acc.y).double().mean(1)
+
+    def step(self, k: int) -> Tensor:
+        """Move the state from coalition k-1 to k; returns the images whose naive logits may have changed."""
+        e, dev = self.acc.x.shape[0], self.keeps.device
+        flag = torch.zeros(e, dtype=torch.bool, device=dev)
+        rows = torch.empty(0, dtype=torch.long, device=dev)
+        for m in range(self.depth):
+            z, h = self.z[m], self.h[m]
+            h_rows = self.hidden(m, k, z.index_select(0, rows))
+            changed = (h_rows != h.index_select(0, rows)).any(1)
+            dense = rows[changed]
+            h[rows], self.h_max[m][rows] = h_rows, h_rows.amax(1)
+            tog = (self.layer_keeps[m][k] != self.layer_keeps[m][k - 1]).nonzero().squeeze(1)
+            low = rows[:0]
+            if tog.numel() > 0:
+                h_tog = self.hidden(m, k, z[:, tog], tog)
+                d = h_tog - h[:, tog]
+                moved = (d != 0).any(1)
+                flag |= moved
+                if m > 0:
+                    flag |= self.may_move(k, m, tog, ~flag)
+                h[:, tog] = h_tog
+                moved[rows] = False
+                low = moved.nonzero().squeeze(1)
+                self.h_max[m][low] = torch.maximum(self.h_max[m][low], h_tog[low].amax(1))
+            rows = torch.cat([dense, low])
+            nxt = self.z[m + 1]
+            if dense.numel() > 0:
+                nxt[dense] = h.index_select(0, dense) @ self.w[m + 1].T + self.b[m + 1]
+            if low.numel() > 0:
+                nxt[low] += d[low] @ self.w[m + 1][:, tog].T
+        return flag.nonzero().squeeze(1)
+
+    def may_move(self, k: int, m: int, tog: Tensor, rows: Tensor) -> Tensor:
+        """[E] bool: among `rows` ([E] bool, images whose naive state so far is unchanged), those where a
+        toggled unit of hidden layer m >= 1 may output something else in naive: certain only where
+        mu_i <= 0 and z[m] + Delta_m <= 0 (both outputs are then relu = 0)."""
+        if bool((self.mu[m][tog] > 0).any()):
+            return rows
+        idx = rows.nonzero().squeeze(1)
+        out = torch.zeros_like(rows)
+        out[idx] = self.z[m][idx][:, tog].amax(1) + self.deltas(k, idx)[m] > 0
+        return out
+
+    def envelope(self, k: int) -> tuple[list[float], list[tuple[Tensor, Tensor, Tensor]]]:
+        """For the union U of the coalitions in k's window of WINDOW (P, Q, rho grow with the coalition, so
+        U's bound each of them): rho_m = max_j sum_{i in U} |w_m[j, i]| (m = 1..L-1, rho_0 unused) and, for
+        m = L..1, (Q_m = P_m |w_m| [C, n_{m-1}], Q_m D_{m-1} 1 [C], P_m |b_m| [C] + iota-free P_m 1 [C]),
+        with P_L = I, P_{m-1} = P_m |w_m| D_{m-1} (D = diag of U's members)."""
+        w = k // self.WINDOW
+        if w not in self.envelopes:
+            lo, hi = w * self.WINDOW, min((w + 1) * self.WINDOW, self.keeps.shape[0])
+            union = [lk[lo:hi].any(0).float() for lk in self.layer_keeps]
+            rho = [0.0] + [float((self.abs_w[m] @ union[m - 1]).max()) * (1 + 2.0 ** -10) for m in range(1, self.depth)]
+            prop = torch.eye(self.w[-1].shape[0], device=self.keeps.device)  # P_L
+            mats = []
+            for m in range(self.depth, 0, -1):
+                q = prop @ self.abs_w[m]
+                mats.append((q, q @ union[m - 1], torch.stack([prop @ self.abs_b[m], prop.sum(1)])))
+                prop = q * union[m - 1]
+            self.envelopes = {w: (rho, mats)}
+        return self.envelopes[w]
+
+    def deltas(self, k: int, idx: Tensor) -> list[Tensor]:
+        """Delta_m [R] >= max_j |naive z[m] - z[m]| of images idx at coalition k, m = 0..L-1 (Delta_0 = 0)."""
+        iota, rho = self.iota(k), self.envelope(k)[0]
+        out = [torch.zeros(idx.numel(), dtype=torch.float64, device=idx.device)]
+        for m in range(1, self.depth):
+            prev, h_max = out[-1], self.h_max[m - 1].index_select(0, idx)
+            out.append((rho[m] * prev + self.g32[m] * (self.row_sum[m] * (h_max + prev) + self.b_max[m]) + iota[m])
+                       * (1 + 2.0 ** -10))
+        return out
+
+    def certify(self, k: int, idx: Tensor) -> None:
+        """Set pred[k, idx] where the rigorous bound B on |naive logits - z[L]| leaves naive's argmax no
+        choice; set the rest to -1 and queue them for the exact path. B's nonnegative terms are summed in
+        float32 (relative error < 1e-4) and inflated by 2^-10. First with the cheaper B' >= B that bounds
+        |h[m-1]| by its maximum, then with B on the images B' leaves undecided."""
+        if idx.numel() == 0:
+            return
+        delta, iota, mats = self.deltas(k, idx), self.iota(k), self.envelope(k)[1]
+        layers = list(zip(range(self.depth, 0, -1), mats))
+        base = sum(self.g32[m] * (delta[m - 1].float().unsqueeze(1) * qd + pb[0]) + iota[m] * pb[1]
+                   for m, (_, qd, pb) in layers)
+        logits = self.z[-1].index_select(0, idx)
+        cheap = base + sum(self.g32[m] * self.h_max[m - 1].index_select(0, idx).float().unsqueeze(1) * q.sum(1)
+                           for m, (q, _, _) in layers)
+        top, sure = self.decide(logits, cheap)
+        if not bool(sure.all()):
+            rest = (~sure).nonzero().squeeze(1)
+            full = base[rest] + sum(self.g32[m] * self.h[m - 1].index_select(0, idx[rest]).float() @ q.T
+                                    for m, (q, _, _) in layers)
+            top[rest], sure[rest] = self.decide(logits[rest], full)
+        self.pred[k, idx] = torch.where(sure, top, -1)
+        self.pending.append((k, idx[~sure]))
+
+    @staticmethod
+    def decide(logits: Tensor, bound: Tensor) -> tuple[Tensor, Tensor]:
+        """logits [R, C] float64 within bound [R, C] (float32 sums) of naive's -> (argmax [R], whether
+        naive's argmax is surely it [R]): its lower end exceeds every other class's upper end."""
+        bound = bound.double() * (1 + 2.0 ** -10) + 4 * U64 * logits.abs()  # and the rounding of logits -+ B
+        top = logits.argmax(1, keepdim=True)
+        low = (logits - bound).gather(1, top).squeeze(1)
+        high = (logits + bound).scatter(1, top, -math.inf).amax(1)
+        return top.squeeze(1), low > high
+
+    @torch.no_grad()
+    def exact(self) -> None:
+        """The naive forward for the queued (coalition, image) pairs, batched (at least E rows per batch,
+        as in the fast path); with E < 4, whole naive passes."""
+        acc, model = self.acc, self.acc.model
+        pairs = [(torch.full_like(idx, k), idx) for k, idx in self.pending if idx.numel() > 0]
+        if not pairs:
+            return
+        coalition, image = (torch.cat(t) for t in zip(*pairs))
+        self.recomputed += coalition.numel()
+        e = acc.x.shape[0]
+        if e < 4:
+            for k in coalition.unique().tolist():
+                with model.gated(self.keeps[k], acc.mu):
+                    self.pred[k] = model(acc.x, acc.task).argmax(1)
+            return
+        for c, i in zip(torch.split(coalition, 4096), torch.split(image, 4096)):
+            m = c.numel()
+            pad = torch.arange(max(e - m, 0), device=c.device) % m
+            c_all, i_all = torch.cat([c, c[pad]]), torch.cat([i, i[pad]])
+            h = self.z1.index_select(0, i_all)
+            layer_keeps = model.split_neurons(self.keeps.index_select(0, c_all))
+            for s in range(self.depth):
+                zz = h if s == 0 else model.stage_in(s, h)
+                with model.gated_layers({s: (layer_keeps[s], acc.mu_layers[s])}):
+                    h = model.stage_out(s, zz)
+            self.pred[c, i] = model.heads[acc.task](model.pool(h))[:m].argmax(1)
 
 
 def exact_shapley(v: ValueFn, n: int) -> Tensor:

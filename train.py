@@ -628,7 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="capacity c: k = floor(c N) neurons per task (wsn: fraction of each layer's weights); default 1/T")
     add("--shapley-eval-batches", type=int, default=8,
         help="V(S) and the data-driven scores use this many validation batches of 64")
-    add("--shapley-impl", choices=("fast", "naive"), default="fast", help="coalition-batched or one forward each")
+    add("--shapley-impl", choices=snv_core.SHAPLEY_IMPLS, default="fast",
+        help="V(S) evaluator: fast (staged, bitwise = naive), naive (one forward each), incremental (MLP: rank-1 "
+             "updates, argmax certified against naive)")
     add("--mask-finetune-epochs", type=int, default=None,
         help="epochs of training task t through its own mask after selection (snv masked, packnet); "
              "default epochs/10")

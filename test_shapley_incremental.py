@@ -1,0 +1,153 @@
+"""The certified incremental V(S) evaluator (MaskedAccuracy impl="incremental") against the naive one."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+import snv_core
+from models import MLP, build_model
+
+
+def trained_mlp(e: int, classes: int = 4, width: int = 8, seed: int = 0) -> tuple[MLP, Tensor, Tensor]:
+    """A briefly trained 64-width-width-width-width MLP and its e evaluation images."""
+    torch.manual_seed(seed)
+    model = build_model("mlp", (1, 8, 8), width=width)
+    model.add_head(classes)
+    x, y = torch.randn(max(e, 40), 1, 8, 8), torch.randint(0, classes, (max(e, 40),))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x, 0), y).backward()
+        opt.step()
+    model.eval()
+    return model, x[:e], y[:e]
+
+
+def walks(n: int, orderings: int, seed: int) -> Tensor:
+    """Every prefix of `orderings` random orderings, their reverses (removals), skips and random coalitions."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = []
+    for _ in range(orderings):
+        prefixes = (torch.arange(n).unsqueeze(0) < torch.arange(n + 1).unsqueeze(1))[:, torch.randperm(n, generator=gen).argsort()]
+        blocks += [prefixes, prefixes.flip(0)[::3]]
+    blocks += [torch.rand(8, n, generator=gen) > 0.5, blocks[0][5:6].repeat(3, 1)]
+    return torch.cat(blocks)
+
+
+def values(model: MLP, x: Tensor, y: Tensor, mu: Tensor, keeps: Tensor) -> tuple[Tensor, Tensor, int]:
+    """(naive V, incremental V, images the incremental evaluator recomputed exactly)."""
+    inc = snv_core.MaskedAccuracy(model, 0, x, y, mu, "incremental")
+    got = inc(keeps)
+    return snv_core.MaskedAccuracy(model, 0, x, y, mu, "naive")(keeps), got, inc.recomputed
+
+
+@pytest.mark.parametrize("e", [1, 2, 3, 40])
+def test_incremental_equals_naive_on_every_prefix(e):
+    model, x, y = trained_mlp(e)
+    mu = snv_core.mean_activations(model, [(x, y)])
+    naive, inc, _ = values(model, x, y, mu, walks(model.num_neurons, 4, seed=e))
+    assert torch.equal(inc, naive)
+
+
+def test_incremental_equals_naive_with_ties_and_neurons_at_mu():
+    """Duplicate head rows (logits tied bit for bit: naive's argmax takes the first), neurons whose output
+    is a constant equal to mu (toggling them changes nothing), mu exactly 0."""
+    model, x, y = trained_mlp(40, classes=5, seed=3)
+    with torch.no_grad():
+        head = model.heads[0]
+        head.weight[3], head.bias[3] = head.weight[1], head.bias[1]
+        model.linears[1].weight[:3] = 0.0
+        model.linears[1].bias[:3] = torch.tensor([0.5, 0.0, -0.5])
+    mu = snv_core.mean_activations(model, [(x, y)])
+    assert mu[8:11].tolist() == [0.5, 0.0, -0.5]
+    mu[12] = 0.0
+    y = torch.where(torch.arange(40) % 2 == 0, torch.full_like(y, 3), torch.full_like(y, 1))
+    naive, inc, recomputed = values(model, x, y, mu, walks(model.num_neurons, 3, seed=7))
+    assert torch.equal(inc, naive)
+    assert recomputed > 0  # the tie is never certified: it goes to the exact path
+
+
+def near_tie_mlp() -> tuple[MLP, Tensor, Tensor, Tensor]:
+    """Classes 0 and 1 with the same head row and biases 0 and 1e-8: in float64 class 1 wins, while
+    naive's float32 logits (|logit| >> 1e-8 / ulp) are mostly tied bit for bit, so naive answers 0."""
+    model, x, y = trained_mlp(40, classes=3, seed=5)
+    with torch.no_grad():
+        head = model.heads[0]
+        head.weight[0] = head.weight[0].abs() * 20
+        head.weight[1] = head.weight[0]
+        head.weight[2] = 0.0
+        head.bias[:] = torch.tensor([0.0, 1e-8, -100.0])
+    mu = snv_core.mean_activations(model, [(x, y)])
+    return model, x, torch.zeros_like(y), mu
+
+
+def test_incremental_certificate_sends_near_ties_to_the_exact_path():
+    model, x, y, mu = near_tie_mlp()
+    keeps = walks(model.num_neurons, 2, seed=1)
+    naive, inc, recomputed = values(model, x, y, mu, keeps)
+    assert torch.equal(inc, naive)
+    assert recomputed > 0
+    assert naive.max() > 0  # naive's float32 ties answer class 0 (the label) on some images
+
+
+def test_incremental_without_its_error_bound_would_disagree(monkeypatch):
+    """The same near tie with gamma = 0 (no float error bound): the float64 argmax is accepted and is not naive's."""
+    model, x, y, mu = near_tie_mlp()
+    keeps = walks(model.num_neurons, 2, seed=1)
+    monkeypatch.setattr(snv_core, "_gamma", lambda n, u: 0.0)
+    naive, inc, _ = values(model, x, y, mu, keeps)
+    assert not torch.equal(inc, naive)
+
+
+def test_permutation_shapley_incremental_equals_naive():
+    model, x, y = trained_mlp(40, seed=2)
+    mu = snv_core.mean_activations(model, [(x, y)])
+    n = model.num_neurons
+    phis = [snv_core.permutation_shapley(snv_core.MaskedAccuracy(model, 0, x, y, mu, impl), n, 4, tau=0.3,
+                                         min_orderings=2, max_orderings=6, chunk=7, seed=3).phi
+            for impl in ("naive", "incremental")]
+    assert torch.equal(phis[0], phis[1])
+
+
+def test_incremental_rejects_the_resnet():
+    model = build_model("resnet18", (3, 8, 8), width=4)
+    model.add_head(2)
+    x, y = torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="MLP only"):
+        snv_core.MaskedAccuracy(model, 0, x, y, torch.zeros(model.num_neurons), "incremental")
+
+
+def test_incremental_rechecks_images_whose_naive_unit_may_fire():
+    """Neuron 8 (layer 2, mu = -1) sums three equal inputs with weights a + b + c ~ 0: on some images naive's
+    float32 pre-activation is > 0 where the float64 one is <= 0. Adding it to S then changes naive's answer
+    (a weight 1e8 carries it to class 1) while our float64 output stays relu = 0: only the check
+    z + Delta > 0 sends these images to the exact path."""
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), width=8)
+    model.add_head(2)
+    model.eval()
+    x, y = torch.rand(64, 1, 8, 8) + 0.5, torch.zeros(64, dtype=torch.long)
+    l0, l1, l2, l3, head = *model.linears, model.heads[0]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        l0.weight[:3], l0.bias[:3] = l0.weight[0].abs(), 0.1  # units 0, 1, 2 of layer 1: equal outputs
+        for weights in (l1.weight[0], l2.weight[0], l3.weight[0], head.weight):
+            weights.zero_()
+        l1.bias[0] = l2.bias[0] = l3.bias[0] = 0.0
+        l2.weight[0, 0], l3.weight[0, 0], head.weight[1, 0] = 1e8, 1.0, 10.0
+        head.bias[:] = torch.tensor([0.5, 0.0])
+        h = torch.relu(l0(x.flatten(1)))
+        for _ in range(200):
+            a, b = (torch.rand(2, generator=gen) * 2 - 1).tolist()
+            l1.weight[0, :3] = torch.tensor([a, b, -(torch.tensor(a) + torch.tensor(b)).item()])
+            if ((l1(h)[:, 0] > 0) & (h.double() @ l1.weight[0].double() <= 0)).any():
+                break
+    mu = torch.zeros(model.num_neurons)
+    mu[8] = -1.0
+    keeps = torch.ones(2, model.num_neurons, dtype=torch.bool)
+    keeps[0, 8] = False
+    naive, inc, _ = values(model, x, y, mu, keeps)
+    assert naive[0] == 1.0 and naive[1] < 1.0
+    assert torch.equal(inc, naive)
