@@ -479,9 +479,17 @@ class SNV(Method):
 
     name, label, help = "snv", "SNV", "Shapley Neuron Valuation (the paper)"
     importances = None
-    flags = (Flag("--inference", dict(choices=("masked", "dense"), default="masked",
-                                      help="snv: masked = task t runs through its subnetwork (Eq. 1); dense = the "
-                                           "paper-literal full network")),)
+    flags = (
+        Flag("--inference", dict(choices=("masked", "dense"), default="masked",
+                                 help="snv: masked = task t runs through its subnetwork (Eq. 1); dense = the "
+                                      "paper-literal full network")),
+        Flag("--selection", dict(choices=("global", "per-layer"), default="global",
+                                 help="snv: S_t = the top k over the whole network (the paper) or per layer, k split "
+                                      "across layers in proportion to their sizes")),
+        Flag("--reuse", dict(choices=("on", "off"), default="on",
+                             help="snv, masked: task t's subnetwork is B_{t-1} u S_t (on) or S_t alone (off); B_t "
+                                  "grows the same either way")),
+    )
     freezes_heads = freezes_neurons = resumable = resettable = True
     records_key = "shapley"
 
@@ -490,9 +498,10 @@ class SNV(Method):
         mu, selected, record = self.select(model, state, loop)
         members = state.frozen | selected
         if args.inference == "masked":
-            state.subnets.append((members.to(loop.device), mu.to(loop.device)))
+            subnet = members if args.reuse == "on" else selected
+            state.subnets.append((subnet.to(loop.device), mu.to(loop.device)))
             if args.mask_finetune_epochs > 0:
-                keeper = snv_core.Freezer(model, ~members.to(loop.device), 0)
+                keeper = snv_core.Freezer(model, ~subnet.to(loop.device), 0)
                 record["mask_finetune_epochs"] = loop.retrain(args.mask_finetune_epochs,
                                                               f"task {t + 1}/{loop.num_tasks} (mask)")
                 keeper.restore()
@@ -510,7 +519,8 @@ class SNV(Method):
         v = snv_core.MaskedAccuracy(model, t, x, y, mu, impl=args.shapley_impl)
         res = score(args.importance, ScoreInput(model, t, x, y, mu, k, v, seed=self.seed * 1000 + t, args=args,
                                                 rank=loop.rank, world=loop.world, all_reduce=loop.all_reduce))
-        selected = snv_core.top_k(res.phi, k)
+        selected = (snv_core.top_k(res.phi, k) if args.selection == "global"
+                    else snv_core.top_k_per_layer(res.phi, k, model.layer_sizes))
         record = {**res.cost(), "k": k, "selected": int(selected.sum()),
                   "newly_frozen": int((selected & ~state.frozen).sum()),
                   "v_full": float(v(torch.ones(1, n, dtype=torch.bool))[0]),

@@ -674,6 +674,21 @@ def top_k(phi: Tensor, k: int) -> Tensor:
     return mask
 
 
+def layer_quotas(k: int, sizes: list[int]) -> list[int]:
+    """k split across layers in proportion to their sizes n_l (largest remainders, ties to the earlier layer)."""
+    n = sum(sizes)
+    exact = [k * s / n for s in sizes]
+    quotas = [math.floor(e) for e in exact]
+    for l in sorted(range(len(sizes)), key=lambda l: quotas[l] - exact[l])[:k - sum(quotas)]:
+        quotas[l] += 1
+    return quotas
+
+
+def top_k_per_layer(phi: Tensor, k: int, sizes: list[int]) -> Tensor:
+    """S_t with layer quotas: in each layer l, the layer_quotas(k, sizes)[l] neurons with the largest phi. [N] bool."""
+    return torch.cat([top_k(p, q) for p, q in zip(torch.split(phi, sizes), layer_quotas(k, sizes))])
+
+
 def capacity_k(c: float, n: int) -> int:
     """k = floor(c N), at least 1."""
     if not 0 < c <= 1:

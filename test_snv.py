@@ -172,6 +172,33 @@ def test_top_k_and_capacity():
 
 # ----------------------------------------------------------------------------- networks and gates
 
+
+def test_per_layer_selection_splits_k_in_proportion_to_layer_sizes():
+    assert snv_core.layer_quotas(80, [200] * 4) == [20] * 4
+    assert snv_core.layer_quotas(5, [3, 3, 4]) == [2, 1, 2]  # 1.5, 1.5, 2.0: the first .5 remainder wins the tie
+    assert snv_core.layer_quotas(7, [1, 99]) == [0, 7]
+    phi = torch.tensor([9.0, 8.0, 7.0, 0.1, 0.2, 0.3, 1.0, 2.0, 3.0, 4.0])
+    assert snv_core.top_k_per_layer(phi, 5, [3, 3, 4]).nonzero().squeeze(1).tolist() == [0, 1, 5, 8, 9]
+    assert snv_core.top_k(phi, 5).nonzero().squeeze(1).tolist() == [0, 1, 2, 8, 9]  # global: the other layers' best
+
+
+@pytest.mark.parametrize("flags", [("--selection", "per-layer"), ("--reuse", "off")])
+def test_selection_and_reuse_variants_run_and_do_what_they_say(tmp_path, flags):
+    assert train.main(synthetic_args(tmp_path, "--width", "12", *flags)) == 0
+    data = json.loads((tmp_path / "out" / "seed0.json").read_text())
+    k = data["shapley"][0]["k"]
+    if flags[1] == "per-layer":
+        assert all(r["selected_per_layer"] == snv_core.layer_quotas(k, data["layer_sizes"]) for r in data["shapley"])
+    else:
+        assert data["metrics"]["BWT"] == 0.0  # each task runs through its own S_t, still frozen in B_t
+        args = train.resolve_args(train.build_parser().parse_args(synthetic_args(tmp_path / "hook", "--width", "12",
+                                                                                 *flags)))
+        sizes = []
+        train.run_seed(args, 0, torch.device("cpu"), on_task_end=lambda t, model, state: sizes.append(
+            (int(state.subnets[t][0].sum()), int(state.frozen.sum()))))
+        assert [m for m, _ in sizes] == [k] * 3 and sizes[-1][1] > k  # S_t alone, while B_t grows
+
+
 def test_neuron_counts_match_the_paper():
     assert MLP().num_neurons == 800
     resnet = ResNet18()
