@@ -542,6 +542,61 @@ def importance_table(res: Results, root: Path) -> str:
                          prov])
 
 
+ABLATIONS = (
+    ("The paper-literal reading: a dense forward pass (no subnetwork at inference, no training through the mask)",
+     (("task_il", "snv-dense", "TIL dense"), ("class_il", "snv-dense", "CIL dense"))),
+    ("Selection: the top k over the whole network (the paper) or per layer in proportion to its size",
+     (("task_il", "snv-perlayer", "TIL per-layer"),)),
+    ("Training through the mask after selection (the default: 1 epoch at 5 epochs per task)",
+     (("task_il", "snv-mft0", "TIL 0 epochs"), ("task_il", "snv-mft3", "TIL 3 epochs"),
+      ("task_il", "snv-mft5", "TIL 5 epochs"))),
+    ("Capacity c (the default 0.1 = 1/T)", (("task_il", "snv-c0.05", "TIL c = 0.05"), ("task_il", "snv-c0.2", "TIL c = 0.2"))),
+    ("Reuse: task t's subnetwork B_{t-1} u S_t (the default) or S_t alone",
+     (("task_il", "snv-noreuse", "TIL S_t alone"),)),
+)
+"""The SNV ablations of run_experiments_compare.txt: (question, rows (scenario, folder name, label)); each row is
+compared with the default SNV row of its scenario, seed by seed."""
+ABLATION_METRICS = ("ACC", "BWT", "AF", "FWT", "CAP")
+
+
+def frozen_per_layer(exp: Experiment | None) -> str:
+    """The mean share of each layer frozen after the last task, in %, e.g. '100/98/40/14' (— without SNV records)."""
+    rows = [[f / n for f, n in zip(r["shapley"][-1]["frozen_per_layer"], r["layer_sizes"])]
+            for r in (exp.runs if exp else []) if r.get("shapley")]
+    return "/".join(f"{100 * v:.0f}" for v in np.mean(rows, axis=0)) if rows else NONE
+
+
+def paired_difference(exp: Experiment | None, default: Experiment | None, key: str = "ACC") -> str:
+    """mean ± std over the seeds both ran of exp's metric minus default's, in points (n noted)."""
+    if exp is None or default is None:
+        return NOT_RUN if exp is None else NONE
+    base = {r["seed"]: r["metrics"].get(key) for r in default.runs}
+    diffs = [scaled(key, r["metrics"][key] - base[r["seed"]]) for r in exp.runs
+             if r["metrics"].get(key) is not None and base.get(r["seed"]) is not None]
+    if not diffs:
+        return NONE
+    return mean_std(diffs, lambda v: number(key, v, signed=True)) + f" (n={len(diffs)})"
+
+
+def ablation_tables(res: Results) -> str:
+    """One table per SNV ablation question: the default SNV rows, each variant, and its paired ACC difference."""
+    parts = ["### SNV ablations on PMNIST (comparison protocol; ours only)",
+             "Each variant changes one setting of the SNV row; Δ ACC is the variant minus the default SNV run of the "
+             "same seed (mean ± std over the seeds both ran). Frozen per layer: the share of each layer in B_T."]
+    for question, rows in ABLATIONS:
+        scenarios = sorted({s for s, _, _ in rows}, key=SCENARIOS.index)
+        defaults = {s: res.get(compare_folder(s, "snv"), scenario=s, method="snv") for s in scenarios}
+        exps = [(f"{SHORT[s]} default", defaults[s], defaults[s]) for s in scenarios] + [
+            (label, res.get(compare_folder(s, name), scenario=s, method="snv"), defaults[s]) for s, name, label in rows]
+        n, prov = provenance(e for _, e, _ in exps)
+        header = ["run"] + [column(k) for k in ABLATION_METRICS] + ["Δ ACC (points)", "frozen per layer (%)", "n"]
+        body = [[label] + [Cell(e, k).ours(n) for k in ABLATION_METRICS]
+                + [NONE if e is d else paired_difference(e, d), frozen_per_layer(e), str(e.n) if e else NONE]
+                for label, e, d in exps]
+        parts += [f"#### {question}", markdown(header, body), prov]
+    return "\n\n".join(parts)
+
+
 def with_intransigence(exp: Experiment | None, joint: Experiment | None) -> Experiment | None:
     """`exp` with Intransigence computed against `joint`'s run of the same seed wherever its seed JSON has none
     (the runs made without --joint-results); the joint run itself and seeds joint lacks stay as they are."""
@@ -573,6 +628,7 @@ def compare_section(root: Path) -> str:
         note += " Intransigence: against the joint run of the same seed." if note else ""
         parts.append(runs_table(f"PMNIST, 10 tasks, {SHORT[scenario]}: every method (ours only)", exps, note))
     parts.append(importance_table(res, root))
+    parts.append(ablation_tables(res))
     if res.warnings:
         parts.append("### Warnings\n\n" + "\n".join(f"- {w}" for w in sorted(set(res.warnings))))
     return "\n\n".join(parts)

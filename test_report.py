@@ -470,3 +470,20 @@ def test_copied_tables_are_recognised() -> None:
     assert copied_tables("\n".join(rows[:2] + ["| SNV | 93.07 |"]) + "\n\n(From RESULTS.md, written by report.py)\n")
     assert copied_tables("\n".join(rows[:2] + ["| SNV | 93.07 |"]) + "\nn seeds: 1 per run\n")
     assert not copied_tables("\n".join(rows[:2] + ["| SNV | 93.07 |"]) + "\n\nsome text\n")
+
+
+def test_ablation_tables_pair_each_variant_with_the_default_of_the_same_seed(tmp_path: Path) -> None:
+    root = tmp_path / "compare"
+    base = root / "baselines"
+    write_runs(base / "pmnist_task_il_snv", [fake_run(s, a, dataset="pmnist") for s, a in ((42, 0.90), (43, 0.80))])
+    # seeds 42 and 44: only 42 is paired; 0.95 - 0.90 = +5 points. frozen per layer: [1, 2] of [2, 2] -> 50/100
+    write_runs(base / "pmnist_task_il_snv-c0.2", [fake_run(s, a, dataset="pmnist", sparsity=0.2)
+                                                  for s, a in ((42, 0.95), (44, 0.70))])
+    text = report.compare_section(root)
+    table = text.split("#### Capacity c", 1)[1].split("####", 1)[0]
+    row = next(line for line in table.splitlines() if line.startswith("| TIL c = 0.2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "82.50 ± 12.50" and cells[6] == "+5.00 (n=1)" and cells[7] == "50/100" and cells[8] == "2"
+    default = next(line for line in table.splitlines() if line.startswith("| TIL default |"))
+    assert "| — | 50/100 | 2 |" in default
+    assert "| TIL c = 0.05 | not run |" in table
