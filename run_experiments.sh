@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every experiment of the SNV paper (docs/paper.md sections 2 and 4), one train.py results folder each.
 #
-#   bash run_experiments.sh [--dry-run] [--quick | --compare] [--only GROUP[,GROUP...]]
+#   bash run_experiments.sh [--dry-run] [--quick | --compare] [--only GROUP[,GROUP...]] [--jobs N]
 #
 # Groups (run in this order; bounds first so that the snv runs find their joint reference):
 #   bounds        sgd (lower bound) and joint (upper bound) for every main-table setting
@@ -36,6 +36,10 @@
 # and 20), SNV's Shapley settings unchanged, seeds 42 43 44, one hyperparameter point per method; the
 # commands are in run_experiments_compare.txt (same format as the baselines file, SNV and the bounds included).
 # --dry-run prints every command without running anything.
+# --jobs N runs up to N train.py processes at once (default: the number of CPU cores), each seed its own
+# process logged to <folder>/train.log; a folder's summary.json is written once all runs have finished. With
+# N > 1 an snv seed started while its joint reference still runs gets no --joint-results (report.py computes
+# intransigence against the joint run all the same).
 # Environment: SNV_DATA_DIR (data folder, read by train.py), SNV_RESULTS_DIR, SNV_BASELINES_FILE, PYTHON.
 #
 # run_experiments_baselines.txt (written with the baselines) adds the comparison runs, one command a line:
@@ -50,6 +54,7 @@ DRY_RUN=0
 QUICK=0
 COMPARE=0
 ONLY=""
+JOBS=$(nproc 2>/dev/null || echo 1)
 while (($#)); do
     case $1 in
         --dry-run) DRY_RUN=1 ;;
@@ -60,6 +65,10 @@ while (($#)); do
             ONLY=$2
             shift ;;
         --only=*) ONLY=${1#--only=} ;;
+        --jobs)
+            [[ $# -ge 2 && $2 =~ ^[1-9][0-9]*$ ]] || { echo "error: --jobs needs a whole number >= 1" >&2; exit 2; }
+            JOBS=$2
+            shift ;;
         -h | --help) sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -130,13 +139,54 @@ sys.exit(0 if {int(s) for s in sys.argv[2:]} <= runs else 1)
 EOF
 }
 
-execute() {  # execute DIR ARGS...: print, then (unless --dry-run) run a train.py command logged to DIR/train.log
+STATUS=$(mktemp -d)  # one file per launched run: its exit status, written when it ends
+trap 'rm -rf "$STATUS"' EXIT
+LAUNCHED=""          # the status file of the last launch
+NRUN=0
+FINISH=()            # deferred summaries: "NAME<tab>DIR<tab>STATUS FILES<tab>quoted summary command (or empty)"
+
+launch() {  # launch DIR ARGS...: print a command; unless --dry-run run it in the background, at most $JOBS at once
     local dir=$1
     shift
     show "$@"
-    ((DRY_RUN)) && return 0
+    NRUN=$((NRUN + 1))
+    LAUNCHED=$STATUS/$NRUN
+    if ((DRY_RUN)); then
+        echo 0 >"$LAUNCHED"
+        return 0
+    fi
+    while (($(jobs -rp | wc -l) >= JOBS)); do wait -n; done
     mkdir -p "$dir"
-    "$@" 2>&1 | tee -a "$dir/train.log"
+    echo "# started, log: $dir/train.log"
+    { "$@" >>"$dir/train.log" 2>&1; echo $? >"$LAUNCHED"; } &
+}
+
+finish_later() {  # finish_later NAME DIR "STATUS FILES" [SUMMARY ARGS...]: once the runs end, check them, summarise
+    local name=$1 dir=$2 statuses=$3
+    shift 3
+    local cmd=""
+    (($#)) && cmd=$(printf '%q ' "$@")
+    FINISH+=("$name"$'\t'"$dir"$'\t'"$statuses"$'\t'"$cmd")
+    ((DRY_RUN)) && finish_all
+}
+
+finish_all() {  # wait for every launched run; mark failed experiments, write the summaries of the others
+    wait
+    local entry name dir statuses cmd f ok
+    for entry in "${FINISH[@]}"; do
+        IFS=$'\t' read -r name dir statuses cmd <<<"$entry"
+        ok=1
+        for f in $statuses; do
+            [[ $(cat "$f" 2>/dev/null) == 0 ]] || ok=0
+        done
+        if ((!ok)); then
+            FAILED+=("$name")
+        elif [[ -n $cmd ]]; then
+            eval "show $cmd"
+            ((DRY_RUN)) || eval "$cmd" '>>"$dir/train.log" 2>&1' || FAILED+=("$name")
+        fi
+    done
+    FINISH=()
 }
 
 task_suffix() {  # task_suffix DATASET T: "_T<T>" where the dataset is run with several task counts
@@ -167,16 +217,17 @@ experiment() {  # experiment GROUP/NAME JOINT_DIR|- TRAIN_ARGS...: one results f
         echo "# skipped: $dir/summary.json covers seeds ${SEEDS[*]}"
         return 0
     fi
-    local s
+    local s statuses=""
     for s in "${SEEDS[@]}"; do
         [[ -f $dir/seed$s.json ]] && continue
         local extra=()
         # a baseline's or a reset's checkpoint cannot be continued: that seed starts over
         [[ -f $dir/checkpoint_seed$s.pt ]] && { ((resumable)) && extra+=(--resume) || extra+=(--overwrite); }
         [[ $method == snv && $joint != - && -f $joint/seed$s.json ]] && extra+=(--joint-results "$joint/seed$s.json")
-        execute "$dir" "${cmd[@]}" --seeds "$s" "${extra[@]}" || { FAILED+=("$name"); return 0; }
+        launch "$dir" "${cmd[@]}" --seeds "$s" "${extra[@]}"
+        statuses+=" $LAUNCHED"
     done
-    execute "$dir" "${cmd[@]}" --seeds "${SEEDS[@]}" --resume || FAILED+=("$name")
+    finish_later "$name" "$dir" "$statuses" "${cmd[@]}" --seeds "${SEEDS[@]}" --resume
 }
 
 main_setting() {  # main_setting GROUP METHOD DATASET SCENARIO T: a main-table run (c = 1/T)
@@ -312,7 +363,8 @@ analysis() {  # analysis GROUP/NAME SCRIPT ARGS...: a per-seed analysis writing 
     fi
     # shellcheck disable=SC2206  # the profiles are word lists
     local cmd=("$PYTHON" "$@" ${PROFILE[$dataset]:-} --out-dir "$dir" --seeds "${missing[@]}")
-    execute "$dir" "${cmd[@]}" || FAILED+=("$name")
+    launch "$dir" "${cmd[@]}"
+    finish_later "$name" "$dir" "$LAUNCHED"
 }
 
 if ((QUICK)); then
@@ -343,6 +395,7 @@ for group in "${GROUPS_ALL[@]}"; do
     esac
 done
 
+finish_all
 if ((${#FAILED[@]})); then
     echo "# FAILED (${#FAILED[@]}): ${FAILED[*]}" >&2
     exit 1

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -487,3 +488,75 @@ def test_ablation_tables_pair_each_variant_with_the_default_of_the_same_seed(tmp
     default = next(line for line in table.splitlines() if line.startswith("| TIL default |"))
     assert "| — | 50/100 | 2 |" in default
     assert "| TIL c = 0.05 | not run |" in table
+
+
+FAKE_TRAIN = '''
+import json, sys, time
+from pathlib import Path
+args = sys.argv[2:]  # after "train.py"
+out, seeds = Path(args[args.index("--out-dir") + 1]), []
+for a in args[args.index("--seeds") + 1:]:
+    if a.startswith("--"):
+        break
+    seeds.append(int(a))
+start = time.time()
+if "--resume" not in args:
+    time.sleep(1.0)
+with open(sys.argv[1], "a") as log:
+    log.write(json.dumps({"out": out.name, "seeds": seeds, "summary": "--resume" in args, "start": start,
+                          "end": time.time()}) + "\\n")
+if seeds == [13]:
+    sys.exit(3)  # this seed fails
+out.mkdir(parents=True, exist_ok=True)
+name = "summary.json" if "--resume" in args else f"seed{seeds[0]}.json"
+(out / name).write_text(json.dumps({"runs": seeds}))
+'''
+
+
+def real_run(tmp_path: Path, jobs: str, seeds: tuple[str, str]) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """run_experiments.sh --compare on two fake experiments, train.py replaced by a script logging its runs."""
+    (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
+    log = tmp_path / "runs.jsonl"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\n[[ $1 == -c ]] && exec {sys.executable} "$@"\n'
+                    f'exec {sys.executable} {tmp_path / "fake_train.py"} {log} "$@"\n')
+    fake.chmod(0o755)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"python train.py --dataset pmnist --method sgd --seeds {s} --out-dir results/e{i}\n"
+                               for i, s in enumerate(seeds)))
+    env = {**os.environ, "SNV_RESULTS_DIR": str(tmp_path / "res"), "SNV_BASELINES_FILE": str(listing),
+           "PYTHON": str(fake)}
+    proc = subprocess.run(["bash", "run_experiments.sh", "--compare", "--jobs", jobs], cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=120)
+    return proc, [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def most_at_once(runs: list[dict]) -> int:
+    return max(sum(r["start"] <= q["start"] < r["end"] for r in runs) for q in runs)
+
+
+@pytest.mark.parametrize("jobs", ["1", "3"])
+def test_run_experiments_runs_seeds_in_parallel_and_summarises_after_them(tmp_path: Path, jobs: str) -> None:
+    proc, runs = real_run(tmp_path, jobs, ("1 2", "3 4"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seeds = [r for r in runs if not r["summary"]]
+    assert len(seeds) == 4 and most_at_once(seeds) == int(jobs)
+    for name in ("e0", "e1"):
+        summary = next(r for r in runs if r["summary"] and r["out"] == name)
+        assert summary["start"] >= max(r["end"] for r in seeds if r["out"] == name)
+        assert json.loads((tmp_path / "res/compare/baselines" / name / "summary.json").read_text())["runs"] == [
+            int(s) for s in ("1 2" if name == "e0" else "3 4").split()]
+
+
+def test_run_experiments_reports_a_failed_seed_and_skips_only_its_summary(tmp_path: Path) -> None:
+    proc, runs = real_run(tmp_path, "2", ("13 14", "3 4"))
+    assert proc.returncode == 1 and "FAILED (1): baselines/e0" in proc.stderr
+    assert not (tmp_path / "res/compare/baselines/e0/summary.json").exists()
+    assert (tmp_path / "res/compare/baselines/e1/summary.json").exists()
+    assert (tmp_path / "res/compare/baselines/e0/seed14.json").exists()  # the other seed still ran
+
+
+def test_run_experiments_refuses_a_bad_jobs_value(tmp_path: Path) -> None:
+    proc = subprocess.run(["bash", "run_experiments.sh", "--jobs", "0", "--dry-run"], cwd=HERE, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "--jobs needs a whole number >= 1" in proc.stderr
