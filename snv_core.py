@@ -730,16 +730,21 @@ class Freezer:
                 t.grad.index_fill_(0, idx, 0.0)
 
     @torch.no_grad()
-    def restore(self) -> None:
-        """Write the snapshot back into frozen entries (undoes weight decay, momentum, BN statistics)."""
+    def restore(self, buffers_only: bool = False) -> None:
+        """Write the snapshot back into frozen entries (undoes weight decay, momentum, BN statistics); with
+        `buffers_only`, into the BatchNorm running statistics alone."""
         for t, idx, saved in self.entries:
-            t.index_copy_(0, idx, saved)
+            if not (buffers_only and isinstance(t, nn.Parameter)):
+                t.index_copy_(0, idx, saved)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """One masked optimizer step: mask gradients, step, restore frozen entries."""
+        """One masked optimizer step: mask gradients, step, restore the frozen entries it may have moved."""
         self.mask_gradients()
         optimizer.step()
-        self.restore()
+        if may_move_zero_gradients(optimizer):
+            self.restore()
+        else:
+            self.restore(buffers_only=True)
 
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
@@ -751,6 +756,19 @@ class Freezer:
         finally:
             for bn, _ in self.fixed:
                 bn.fixed = None
+
+
+def may_move_zero_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a step can change a parameter whose gradient has been zero since the optimizer was made.
+
+    False for Adam/AdamW without weight decay and for SGD without weight decay and momentum: their state stays
+    zero and the update is exactly 0 (p - 0 = p bit for bit). True otherwise (weight decay, SGD momentum, any
+    other optimizer), where Freezer.step restores the frozen entries after every step.
+    """
+    safe = {torch.optim.Adam: ("weight_decay",), torch.optim.AdamW: ("weight_decay",),
+            torch.optim.SGD: ("weight_decay", "momentum")}
+    keys = safe.get(type(optimizer))
+    return keys is None or any(group[k] != 0 for group in optimizer.param_groups for k in keys)
 
 
 def layer_counts(model: ContinualNet, mask: Tensor) -> list[int]:

@@ -373,6 +373,32 @@ def test_freezer_keeps_frozen_neurons_bit_identical(arch, opt, wd):
     assert not torch.equal(after["heads.1.weight"], before["heads.1.weight"])
 
 
+
+@pytest.mark.parametrize("opt,wd,momentum,moves", [("adam", 0.0, 0.9, False), ("adamw", 0.0, 0.9, False),
+                                                   ("adamw", 1e-2, 0.9, True), ("sgd", 0.0, 0.0, False),
+                                                   ("sgd", 0.0, 0.9, True), ("sgd", 1e-3, 0.0, True)])
+def test_freezer_restores_parameters_only_where_the_optimizer_can_move_them(opt, wd, momentum, moves):
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), width=6)
+    model.add_head(3)
+    frozen = torch.zeros(model.num_neurons, dtype=torch.bool)
+    frozen[::2] = True
+    args = train.build_parser().parse_args(["--optimizer", opt, "--weight-decay", str(wd), "--momentum",
+                                            str(momentum), "--lr", "0.05"])
+    optimizer = train.make_optimizer(model.parameters(), args)
+    assert snv_core.may_move_zero_gradients(optimizer) == moves
+    freezer = snv_core.Freezer(model, frozen, frozen_heads=0)
+    before = model.layers[0].producer.weight.detach()[::2].clone()
+    for _ in range(3):  # without the restore, every step must leave the frozen rows exactly as they were
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(8, 1, 8, 8), 0), torch.randint(0, 3, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        freezer.mask_gradients()
+        optimizer.step()
+    unchanged = torch.equal(model.layers[0].producer.weight.detach()[::2], before)
+    assert unchanged if not moves else (not unchanged or wd == 0)  # weight decay moves them: restore needed
+
+
 def test_frozen_channels_normalise_in_training_as_at_test():
     torch.manual_seed(0)
     model = build_model("resnet18", (1, 8, 8), width=6)
