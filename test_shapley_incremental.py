@@ -7,21 +7,12 @@ from torch import Tensor
 
 import snv_core
 from models import MLP, build_model
+from test_snv import briefly_trained
 
 
 def trained_mlp(e: int, classes: int = 4, width: int = 8, seed: int = 0) -> tuple[MLP, Tensor, Tensor]:
     """A briefly trained 64-width-width-width-width MLP and its e evaluation images."""
-    torch.manual_seed(seed)
-    model = build_model("mlp", (1, 8, 8), width=width)
-    model.add_head(classes)
-    x, y = torch.randn(max(e, 40), 1, 8, 8), torch.randint(0, classes, (max(e, 40),))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(30):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x, 0), y).backward()
-        opt.step()
-    model.eval()
+    model, x, y = briefly_trained("mlp", width, classes, n=max(e, 40), steps=30, seed=seed)
     return model, x[:e], y[:e]
 
 

@@ -273,6 +273,22 @@ def test_masked_accuracy_fast_equals_naive(arch):
     assert math.isclose(float(res.phi.sum()), float(v(full)[0] - v(empty)[0]), abs_tol=1e-12)
 
 
+def briefly_trained(arch: str, width: int, classes: int, n: int, steps: int, seed: int = 0):
+    """(model, x [n, 1, 8, 8], y [n]): a fresh model with one head, trained `steps` Adam steps on random data."""
+    torch.manual_seed(seed)
+    model = build_model(arch, (1, 8, 8), width=width)
+    model.add_head(classes)
+    x, y = torch.randn(n, 1, 8, 8), torch.randint(0, classes, (n,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x, 0), y).backward()
+        opt.step()
+    model.eval()
+    return model, x, y
+
+
 class BitsHead(torch.nn.Module):
     """Wraps a head: scores [B, 2] whose argmax is a hash bit of the exact bits of features and logits.
 
@@ -295,16 +311,7 @@ class BitsHead(torch.nn.Module):
 def test_masked_accuracy_fast_equals_naive_bit_for_bit(arch):
     """A briefly trained net, where removing a neuron often changes only some images' activations (so the
     fast path reuses rows): every (coalition, image)'s features match naive's bit for bit."""
-    torch.manual_seed(0)
-    model = build_model(arch, (1, 8, 8), width=8 if arch == "mlp" else 4)
-    model.add_head(4)
-    x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 4, (40,))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(50):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x, 0), y).backward()
-        opt.step()
+    model, x, y = briefly_trained(arch, 8 if arch == "mlp" else 4, classes=4, n=40, steps=50)
     mu = snv_core.mean_activations(model, [(x, y)])
     n = model.num_neurons
     gen = torch.Generator().manual_seed(1)
