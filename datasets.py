@@ -719,3 +719,61 @@ def check_data(name: str, data_dir: str | None, num_tasks: int | None = None, do
         folder = root / "tiny-imagenet-200"
         if not ((folder / "wnids.txt").is_file() and (folder / "train").is_dir()):
             _ensure_files([root / TINY_ARCHIVE], download)
+
+
+# ----------------------------------------------------------------------------- stand-ins (random pixels)
+
+STANDINS = ("cifar100", "tinyimagenet", "imagenet1k")
+
+
+def write_standin(name: str, root: Path, per_class: int, classes: int | None = None, seed: int = 0) -> Path:
+    """Write a random-pixel stand-in of ``name`` under ``root`` in the extracted layout its loader reads; return
+    the folder. For tests, benchmarks and rehearsals on machines without the data: never real data, never committed.
+
+    Each class gets ``per_class`` training images and max(1, per_class // 5) test/val images, at the real size and
+    format: cifar100: 100 classes (default) in the python pickles cifar-100-python/{train,test} (rows of 3072
+    uint8 = 3x32x32); tinyimagenet: 200 classes of 64x64 JPEGs in tiny-imagenet-200/ (wnids.txt, train/<wnid>/
+    images/, val/images/ + val_annotations.txt); imagenet1k: ``classes`` (default 1000) class folders
+    imagenet/{train,val}/<wnid>/ of JPEGs sized like ImageNet photos (sides 200-500). The extracted layouts carry
+    no published md5 (only the archives do), so the loaders read them as they are.
+    """
+    if name not in STANDINS:
+        raise DataError(f"no stand-in for {name!r}; choose one of {STANDINS}")
+    classes = classes or {"cifar100": 100, "tinyimagenet": 200, "imagenet1k": 1000}[name]
+    rng = np.random.default_rng(seed)
+    held_out = max(1, per_class // 5)
+    wnids = [f"n{c:08d}" for c in range(classes)]
+    if name == "cifar100":
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True, exist_ok=True)
+        for part, count in (("train", per_class), ("test", held_out)):
+            labels = [c for c in range(classes) for _ in range(count)]
+            data = rng.integers(0, 256, (len(labels), 3 * 32 * 32), dtype=np.uint8)
+            with open(folder / part, "wb") as f:
+                pickle.dump({b"data": data, b"fine_labels": labels, b"coarse_labels": [c // 5 for c in labels]}, f)
+        return folder
+    image = _pil_image()
+
+    def jpeg(path: Path, width: int, height: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path, "JPEG")
+
+    if name == "tinyimagenet":
+        folder = root / "tiny-imagenet-200"
+        (folder / "val" / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "wnids.txt").write_text("\n".join(wnids) + "\n")
+        annotations = []
+        for w in wnids:
+            for i in range(per_class):
+                jpeg(folder / "train" / w / "images" / f"{w}_{i}.JPEG", 64, 64)
+            for i in range(held_out):
+                annotations.append(f"val_{len(annotations)}.JPEG\t{w}\t0\t0\t63\t63")
+                jpeg(folder / "val" / "images" / annotations[-1].split("\t")[0], 64, 64)
+        (folder / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
+        return folder
+    folder = root / "imagenet"
+    for part, count in (("train", per_class), ("val", held_out)):
+        for w in wnids:
+            for i in range(count):
+                jpeg(folder / part / w / f"{w}_{i}.JPEG", *(int(s) for s in rng.integers(200, 501, 2)))
+    return folder
