@@ -38,7 +38,7 @@ import datasets
 import snv_core
 import train
 from bench_shapley import ordering_coalitions, sync
-from models import build_model
+from models import ContinualNet, build_model
 
 HERE = Path(__file__).resolve().parent
 BEFORE_COMMIT = "895fcb1c118c669c2d6cf0c483c6315583fbed20"
@@ -67,15 +67,21 @@ def timed(device: torch.device, fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def train_steps(name: str, device: torch.device, warmup: int, steps: int) -> dict:
-    """Training steps of model `name` on random inputs: steps/s and images/s (measured)."""
-    arch, shape, batch, classes, _ = MODELS[name]
+def model_and_inputs(name: str, device: torch.device, images: int) -> tuple[ContinualNet, Tensor, Tensor]:
+    """Model `name` (paper width, one head, seeded) and random inputs x [images, C, H, W], labels y [images]."""
+    arch, shape, _, classes, _ = MODELS[name]
     torch.manual_seed(0)
     model = build_model(arch, shape).to(device)
     model.add_head(classes)
+    return model, torch.randn(images, *shape, device=device), torch.randint(0, classes, (images,), device=device)
+
+
+def train_steps(name: str, device: torch.device, warmup: int, steps: int) -> dict:
+    """Training steps of model `name` on random inputs: steps/s and images/s (measured)."""
+    arch, shape, batch, _, _ = MODELS[name]
+    model, x, y = model_and_inputs(name, device, batch)
     model.train()
     opt = train.make_optimizer(model.parameters(), argparse.Namespace(optimizer="adam", lr=1e-3, weight_decay=0.0))
-    x, y = torch.randn(batch, *shape, device=device), torch.randint(0, classes, (batch,), device=device)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -142,11 +148,7 @@ def pipelines(root: Path, imagenet: object, imagenet_batch: int, device: torch.d
 
 def shapley_rate(name: str, device: torch.device, images: int, coalitions: int) -> dict:
     """Coalitions/s of the fast V(S) evaluator on `images` random evaluation images (measured)."""
-    arch, shape, _, classes, _ = MODELS[name]
-    torch.manual_seed(0)
-    model = build_model(arch, shape).to(device)
-    model.add_head(classes)
-    x, y = torch.randn(images, *shape, device=device), torch.randint(0, classes, (images,), device=device)
+    model, x, y = model_and_inputs(name, device, images)
     mu = snv_core.mean_activations(model, [(x, y)])
     v = snv_core.MaskedAccuracy(model, 0, x, y, mu, "fast")
     keeps = ordering_coalitions(model.num_neurons, 1, coalitions, seed=1).to(device)
