@@ -3,12 +3,16 @@
 Protocol (paper section 2): the classes are put in a seeded random order and chunked into
 tasks; the samples of a task's classes are pooled from the native train and test partitions
 and re-split 70/10/20 into train/val/test with a generator seeded from (seed, task index).
-Labels are task-local (0..C-1, local label j <-> ``Task.classes[j]``). Images are held once
-(uint8) and normalised/augmented per batch on batched tensors; ImageNet is decoded per batch.
+Labels are task-local (0..C-1, local label j <-> ``Task.classes[j]``). In-memory images are held
+once (uint8), copied to the training device once, and gathered, augmented and normalised there per
+batch; ImageNet files are decoded by DataLoader worker processes. Under torchrun each rank loads
+only its share of every batch (``Split.batches(..., rank=, world=)``).
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import gzip
 import hashlib
 import io
@@ -21,15 +25,13 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
 DEFAULT_DATA_DIR = "./data"
@@ -64,7 +66,6 @@ MEAN_STD = {
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 IMAGENET_LAYOUT = ("<data_dir>/imagenet/train/<wnid>/*.JPEG and (optional) <data_dir>/imagenet/val/<wnid>/*.JPEG, "
                    "one folder per class (val images sorted into class folders)")
-_DECODE_WORKERS = min(8, os.cpu_count() or 1)
 
 
 class DataError(Exception):
@@ -233,9 +234,10 @@ def _tiny_reader(root: Path, download: bool) -> tuple[Callable[[str], bytes], li
 
 def _decode_rgb(data: bytes, size: int) -> np.ndarray:
     """Decode image bytes with PIL to uint8 [3, size, size] (resized if needed)."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
+    image = _pil_image()
+    img = image.open(io.BytesIO(data)).convert("RGB")
     if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
+        img = img.resize((size, size), image.BILINEAR)
     return np.asarray(img, np.uint8).transpose(2, 0, 1)
 
 
@@ -325,40 +327,65 @@ def load_imagenet_files(root: Path) -> tuple[list[Path], Tensor]:
 
 # ----------------------------------------------------------------------------- batched transforms
 
+@functools.cache
+def _stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Normalisation constants mean, std as float32 [1, C, 1, 1] on ``device``, built once per (values, device)."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in (mean, std))
+
+
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Per-channel (x - mean) / std of x [B, C, H, W] in [0, 1]."""
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    """Per-channel (x - mean) / std of float32 x [B, C, H, W] in [0, 1]."""
+    m, s = _stats(tuple(mean), tuple(std), x.device)
     return (x - m) / s
 
 
-def random_crop_flip(x: Tensor, pad: int, generator: torch.Generator | None = None) -> Tensor:
-    """Zero-pad x [B, C, H, W] by ``pad``, crop H x W at per-sample random offsets, flip each with p=0.5."""
+def draw_crop_flip(b: int, pad: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Random crop offsets int64 [B, 2] (row, column) in [0, 2 pad] and flips bool [B] (p=0.5), drawn on the CPU."""
+    offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).t()
+    return offsets, torch.rand(b, generator=generator) < 0.5
+
+
+def crop_flip(x: Tensor, pad: int, offsets: Tensor, flip: Tensor) -> Tensor:
+    """Zero-pad x [B, C, H, W] by ``pad``, crop H x W at ``offsets`` [B, 2], mirror where ``flip`` [B]; on x's device."""
     b, c, h, w = x.shape
-    offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    offsets, flip = offsets.to(x.device, non_blocking=True), flip.to(x.device, non_blocking=True)
     padded = F.pad(x, (pad, pad, pad, pad))
-    rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # [B, H]
-    cols = offsets[1, :, None] + torch.arange(w, device=x.device)  # [B, W]
+    rows = offsets[:, 0, None] + torch.arange(h, device=x.device)  # [B, H]
+    cols = offsets[:, 1, None] + torch.arange(w, device=x.device)  # [B, W]
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2).contiguous()  # advanced indexing put C last: [B, H, W, C]
 
 
-def _random_resized_box(width: int, height: int, generator: torch.Generator | None,
-                        scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """RandomResizedCrop box (left, top, right, bottom), torchvision's algorithm with 10 tries then center."""
+def random_crop_flip(x: Tensor, pad: int, generator: torch.Generator | None = None) -> Tensor:
+    """Zero-pad x [B, C, H, W] by ``pad``, crop H x W at per-sample random offsets, flip each with p=0.5."""
+    return crop_flip(x, pad, *draw_crop_flip(len(x), pad, generator))
+
+
+RRC_TRIES = 10
+"""RandomResizedCrop: boxes tried before the center-crop fallback (torchvision's)."""
+
+
+def draw_resized_crop(b: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """RandomResizedCrop draws for B images: uniforms float64 [B, RRC_TRIES, 4] and flips bool [B] (p=0.5).
+
+    The box itself depends on the image size, so it is computed where the image is opened (``resized_box``).
+    """
+    return torch.rand(b, RRC_TRIES, 4, generator=generator, dtype=torch.float64), torch.rand(b, generator=generator) < 0.5
+
+
+def resized_box(width: int, height: int, u: Sequence[Sequence[float]], scale: tuple[float, float] = (0.08, 1.0),
+                ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """RandomResizedCrop box (left, top, right, bottom) from uniforms u [RRC_TRIES, 4]: torchvision's algorithm
+    (area fraction, log aspect ratio, top, left per try; the first box that fits, else the center crop)."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        u = torch.rand(2, generator=generator).tolist()
-        target = area * (scale[0] + u[0] * (scale[1] - scale[0]))
-        aspect = math.exp(log_ratio[0] + u[1] * (log_ratio[1] - log_ratio[0]))
+    for u_area, u_ratio, u_top, u_left in u:
+        target = area * (scale[0] + u_area * (scale[1] - scale[0]))
+        aspect = math.exp(log_ratio[0] + u_ratio * (log_ratio[1] - log_ratio[0]))
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            top, left = int(u_top * (height - h + 1)), int(u_left * (width - w + 1))
             return left, top, left + w, top + h
     in_ratio = width / height
     if in_ratio < ratio[0]:
@@ -371,77 +398,143 @@ def _random_resized_box(width: int, height: int, generator: torch.Generator | No
     return left, top, left + w, top + h
 
 
-def _decode_file(path: Path, box: tuple[float, float, float, float] | None, size: int, resize: int) -> np.ndarray:
-    """Decode one image to uint8 [3, size, size]: crop ``box`` and resize, or resize(shorter=resize)+center crop."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if box is None:
+def _pil_image():
+    """PIL.Image, imported on first use; DataError naming the fix if Pillow is missing."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise DataError("reading TinyImageNet / ImageNet JPEGs needs Pillow, which is not installed. "
+                        "Fix: pip install Pillow (it is in requirements.txt).") from e
+    return Image
+
+
+def decode_file(path: Path, u: Sequence[Sequence[float]] | None, flip: bool, size: int, resize: int) -> Tensor:
+    """Open one image once and decode it to uint8 [3, size, size].
+
+    Train (``u`` [RRC_TRIES, 4]): the RandomResizedCrop box from the header's size, resized to size x size,
+    mirrored if ``flip``. Eval (``u`` None): resize the shorter side to ``resize``, center crop size x size.
+    """
+    image = _pil_image()
+    with image.open(path) as img:  # lazy: the size comes from the header, the pixels are decoded once below
+        if u is None:
             side = size * min(img.size) / resize
             left, top = (img.size[0] - side) / 2, (img.size[1] - side) / 2
-            box = (left, top, left + side, top + side)
-        return np.asarray(img.resize((size, size), Image.BILINEAR, box=box), np.uint8).transpose(2, 0, 1)
+            box: tuple[float, ...] = (left, top, left + side, top + side)
+        else:
+            box = resized_box(*img.size, u)
+        out = img.convert("RGB").resize((size, size), image.BILINEAR, box=box)
+    if flip:
+        out = out.transpose(image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(out, np.uint8).transpose(2, 0, 1).copy())
+
+
+def default_workers() -> int:
+    """DataLoader worker processes per rank: the CPUs this process may use, shared by the ranks of this node."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 # ----------------------------------------------------------------------------- sources and splits
 
+Job = tuple[Tensor, tuple[Tensor, ...] | None]
+"""One rank's share of one batch: pooled sample indices int64 [b] and the share's augmentation draws (or None)."""
+
+
 class _Source(Protocol):
-    """Something that turns sample indices [B] into a normalised batch [B, C, H, W]."""
+    """Something that turns batches of sample indices [b] into normalised batches [b, C, H, W]."""
 
     augments: bool  # whether load(..., augment=True) draws random crops/flips
 
-    def load(self, idx: Tensor, augment: bool, generator: torch.Generator | None, device: torch.device) -> Tensor:
-        """Normalised float32 batch [B, C, H, W] for the pooled sample indices ``idx``."""
+    def draw(self, b: int, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+        """The augmentation draws of a whole (global) batch of b samples, each tensor indexed by sample first."""
+
+    def load(self, jobs: Iterator[Job], device: torch.device) -> Iterator[Tensor]:
+        """Normalised float32 batches [b, C, H, W] on ``device``, one per job, in order."""
 
 
 @dataclass
 class TensorSource:
-    """In-memory samples: uint8 [N, C, H, W] (or float, already normalised), optional pixel permutation [C*H*W]."""
+    """In-memory samples: uint8 [N, C, H, W] (or float, already normalised), optional pixel permutation [C*H*W].
+
+    The samples (and the permutation) are copied to a device once, on first use there; batches are then
+    gathered, permuted, augmented and normalised on that device.
+    """
     data: Tensor
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
     pad: int | None = None  # crop padding for augmentation; None = no augmentation
     perm: Tensor | None = None
+    _resident: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def augments(self) -> bool:
         """Whether augmentation is on (a crop padding is set)."""
         return self.pad is not None
 
-    def load(self, idx: Tensor, augment: bool, generator: torch.Generator | None, device: torch.device) -> Tensor:
-        """Gather, scale to [0, 1], permute pixels, augment (crop + flip), normalise: float32 [B, C, H, W]."""
-        x = self.data[idx].to(device)
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        if self.perm is not None:
-            x = x.flatten(1)[:, self.perm.to(device)].view_as(x)
-        if augment and self.pad is not None:
-            x = random_crop_flip(x, self.pad, generator)
-        return normalize(x, self.mean, self.std) if self.mean is not None else x
+    def on(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """(data, perm) on ``device``, copied there on the first call only."""
+        if device not in self._resident:
+            self._resident[device] = tuple(t if t is None else t.to(device) for t in (self.data, self.perm))
+        return self._resident[device]
+
+    def draw(self, b: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Crop offsets [b, 2] and flips [b] (``draw_crop_flip``)."""
+        return draw_crop_flip(b, self.pad, generator)
+
+    def load(self, jobs: Iterator[Job], device: torch.device) -> Iterator[Tensor]:
+        """Per job: gather, scale to [0, 1], permute pixels, crop + flip (if drawn), normalise: float32 [b, C, H, W]."""
+        data, perm = self.on(device)
+        for idx, drawn in jobs:
+            x = data[idx.to(device, non_blocking=True)]
+            x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+            if perm is not None:
+                x = x.flatten(1)[:, perm].view_as(x)
+            if drawn is not None:
+                x = crop_flip(x, self.pad, *drawn)
+            yield normalize(x, self.mean, self.std) if self.mean is not None else x
+
+
+class _FolderDataset(torch.utils.data.Dataset):
+    """Map-style dataset over image files; an item is (file index, RandomResizedCrop uniforms or None, flip)."""
+
+    def __init__(self, paths: list[Path], size: int, resize: int) -> None:
+        self.paths, self.size, self.resize = paths, size, resize
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, list[list[float]] | None, bool]) -> Tensor:
+        i, u, flip = item
+        return decode_file(self.paths[i], u, flip, self.size, self.resize)
 
 
 @dataclass
 class FolderSource:
-    """Image files decoded by PIL per batch: train RandomResizedCrop + flip, eval Resize(resize) + CenterCrop(size)."""
+    """Image files decoded by PIL in DataLoader workers: train RandomResizedCrop + flip, eval Resize + CenterCrop.
+
+    ``workers`` processes decode ahead of the consumer (2 batches each); batches land in pinned memory when
+    the device is a GPU and are copied without blocking, then normalised on the device.
+    """
     paths: list[Path]
     mean: Sequence[float]
     std: Sequence[float]
     size: int = 224
     resize: int = 256
+    workers: int = field(default_factory=default_workers)
     augments: bool = True
 
-    def load(self, idx: Tensor, augment: bool, generator: torch.Generator | None, device: torch.device) -> Tensor:
-        """Decode, crop/resize, flip (train), normalise: float32 [B, 3, size, size]."""
-        files = [self.paths[i] for i in idx.tolist()]
-        boxes: list[tuple[int, int, int, int] | None] = [None] * len(files)
-        if augment:
-            for i, f in enumerate(files):
-                with Image.open(f) as img:
-                    boxes[i] = _random_resized_box(*img.size, generator)
-        with ThreadPoolExecutor(_DECODE_WORKERS) as pool:
-            arrays = list(pool.map(lambda fb: _decode_file(fb[0], fb[1], self.size, self.resize), zip(files, boxes)))
-        x = torch.from_numpy(np.stack(arrays)).to(device).float().div_(255)
-        if augment:
-            x = random_crop_flip(x, 0, generator)
-        return normalize(x, self.mean, self.std)
+    def draw(self, b: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """RandomResizedCrop uniforms [b, RRC_TRIES, 4] and flips [b] (``draw_resized_crop``)."""
+        return draw_resized_crop(b, generator)
+
+    def load(self, jobs: Iterator[Job], device: torch.device) -> Iterator[Tensor]:
+        """All jobs are read at once (so the draws do not depend on how far the workers run ahead), then decoded."""
+        items = [[(i, None, False) for i in idx.tolist()] if drawn is None else
+                 list(zip(idx.tolist(), drawn[0].tolist(), drawn[1].tolist())) for idx, drawn in jobs]
+        loader = torch.utils.data.DataLoader(_FolderDataset(self.paths, self.size, self.resize), batch_sampler=items,
+                                             num_workers=self.workers, pin_memory=device.type == "cuda")
+        for x in loader:
+            yield normalize(x.to(device, non_blocking=True).float().div_(255), self.mean, self.std)
 
 
 class Split:
@@ -449,23 +542,43 @@ class Split:
 
     def __init__(self, source: _Source, indices: Tensor, labels: Tensor) -> None:
         self.source, self.indices, self.labels = source, indices, labels
+        self._labels: dict[torch.device, Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
-                augment: bool = False, device: torch.device | str = "cpu",
-                positions: bool = False) -> Iterator[tuple[Tensor, ...]]:
-        """Yield (x float32 [B, C, H, W] normalised, y int64 [B] local labels); shuffle/augment use ``generator``.
+                augment: bool = False, device: torch.device | str = "cpu", positions: bool = False,
+                rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, ...]]:
+        """Yield (x float32 [b, C, H, W] normalised, y int64 [b] local labels); shuffle/augment use ``generator``.
 
-        With ``positions``, each batch also carries the samples' positions in this split (int64 [B]).
+        With ``positions``, each batch also carries the samples' positions in this split (int64 [b]).
+        With ``world`` > 1 (torchrun), this rank loads only its share, samples rank::world, of every batch of
+        ``batch_size`` (the batches, their order and their augmentation are those of a single process), and
+        batches with fewer than ``world`` samples are skipped so that every rank takes the same steps.
         """
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, world={world})")
         device = torch.device(device)
+        if device not in self._labels:
+            self._labels[device] = self.labels.to(device)
+        labels = self._labels[device]
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
-        for start in range(0, len(self), batch_size):
-            sel = order[start:start + batch_size]
-            batch = self.source.load(self.indices[sel], augment, generator, device), self.labels[sel].to(device)
-            yield (*batch, sel.to(device)) if positions else batch
+        augment = augment and self.source.augments
+        shares: collections.deque[Tensor] = collections.deque()
+
+        def jobs() -> Iterator[Job]:
+            for start in range(0, len(self), batch_size):
+                sel = order[start:start + batch_size]
+                if len(sel) < world:
+                    continue
+                drawn = self.source.draw(len(sel), generator) if augment else None
+                shares.append(sel[rank::world])
+                yield self.indices[shares[-1]], None if drawn is None else tuple(d[rank::world] for d in drawn)
+
+        for x in self.source.load(jobs(), device):
+            sel = shares.popleft().to(device, non_blocking=True)
+            yield (x, labels[sel], sel) if positions else (x, labels[sel])
 
 
 @dataclass
@@ -543,8 +656,11 @@ def make_synthetic(num_tasks: int = 3, seed: int = 0, shape: tuple[int, int, int
 
 
 def get_benchmark(name: str, num_tasks: int | None, seed: int, data_dir: str | None = None, *,
-                  pmnist_first: str = "identity", download: bool = True) -> Benchmark:
-    """Build benchmark ``name`` with ``num_tasks`` tasks (None = its default) and seeded class order and splits."""
+                  pmnist_first: str = "identity", download: bool = True, workers: int | None = None) -> Benchmark:
+    """Build benchmark ``name`` with ``num_tasks`` tasks (None = its default) and seeded class order and splits.
+
+    ``workers``: ImageNet's DataLoader worker processes (None = ``default_workers()``, 0 = decode in this process).
+    """
     if name not in BENCHMARKS:
         raise DataError(f"unknown benchmark {name!r}; choose one of {BENCHMARKS}")
     num_tasks = DEFAULT_TASKS[name] if num_tasks is None else int(num_tasks)
@@ -565,7 +681,7 @@ def get_benchmark(name: str, num_tasks: int | None, seed: int, data_dir: str | N
         return Benchmark(name, num_tasks, 10, (1, 28, 28), tasks)
     if name == "imagenet1k":
         files, labels = load_imagenet_files(root)
-        source = FolderSource(files, *MEAN_STD["imagenet1k"])
+        source = FolderSource(files, *MEAN_STD["imagenet1k"], workers=default_workers() if workers is None else workers)
         shape = (3, 224, 224)
     else:
         loader = {"splitmnist": load_mnist, "cifar100": load_cifar100, "tinyimagenet": load_tinyimagenet}[name]
@@ -603,3 +719,61 @@ def check_data(name: str, data_dir: str | None, num_tasks: int | None = None, do
         folder = root / "tiny-imagenet-200"
         if not ((folder / "wnids.txt").is_file() and (folder / "train").is_dir()):
             _ensure_files([root / TINY_ARCHIVE], download)
+
+
+# ----------------------------------------------------------------------------- stand-ins (random pixels)
+
+STANDINS = ("cifar100", "tinyimagenet", "imagenet1k")
+
+
+def write_standin(name: str, root: Path, per_class: int, classes: int | None = None, seed: int = 0) -> Path:
+    """Write a random-pixel stand-in of ``name`` under ``root`` in the extracted layout its loader reads; return
+    the folder. For tests, benchmarks and rehearsals on machines without the data: never real data, never committed.
+
+    Each class gets ``per_class`` training images and max(1, per_class // 5) test/val images, at the real size and
+    format: cifar100: 100 classes (default) in the python pickles cifar-100-python/{train,test} (rows of 3072
+    uint8 = 3x32x32); tinyimagenet: 200 classes of 64x64 JPEGs in tiny-imagenet-200/ (wnids.txt, train/<wnid>/
+    images/, val/images/ + val_annotations.txt); imagenet1k: ``classes`` (default 1000) class folders
+    imagenet/{train,val}/<wnid>/ of JPEGs sized like ImageNet photos (sides 200-500). The extracted layouts carry
+    no published md5 (only the archives do), so the loaders read them as they are.
+    """
+    if name not in STANDINS:
+        raise DataError(f"no stand-in for {name!r}; choose one of {STANDINS}")
+    classes = classes or {"cifar100": 100, "tinyimagenet": 200, "imagenet1k": 1000}[name]
+    rng = np.random.default_rng(seed)
+    held_out = max(1, per_class // 5)
+    wnids = [f"n{c:08d}" for c in range(classes)]
+    if name == "cifar100":
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True, exist_ok=True)
+        for part, count in (("train", per_class), ("test", held_out)):
+            labels = [c for c in range(classes) for _ in range(count)]
+            data = rng.integers(0, 256, (len(labels), 3 * 32 * 32), dtype=np.uint8)
+            with open(folder / part, "wb") as f:
+                pickle.dump({b"data": data, b"fine_labels": labels, b"coarse_labels": [c // 5 for c in labels]}, f)
+        return folder
+    image = _pil_image()
+
+    def jpeg(path: Path, width: int, height: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path, "JPEG")
+
+    if name == "tinyimagenet":
+        folder = root / "tiny-imagenet-200"
+        (folder / "val" / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "wnids.txt").write_text("\n".join(wnids) + "\n")
+        annotations = []
+        for w in wnids:
+            for i in range(per_class):
+                jpeg(folder / "train" / w / "images" / f"{w}_{i}.JPEG", 64, 64)
+            for i in range(held_out):
+                annotations.append(f"val_{len(annotations)}.JPEG\t{w}\t0\t0\t63\t63")
+                jpeg(folder / "val" / "images" / annotations[-1].split("\t")[0], 64, 64)
+        (folder / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
+        return folder
+    folder = root / "imagenet"
+    for part, count in (("train", per_class), ("val", held_out)):
+        for w in wnids:
+            for i in range(count):
+                jpeg(folder / part / w / f"{w}_{i}.JPEG", *(int(s) for s in rng.integers(200, 501, 2)))
+    return folder

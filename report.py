@@ -67,6 +67,8 @@ NOT_RUN = "not run"
 NONE = "—"
 UNDEFINED = "n/a"
 ALL_METRICS = ("ACC", "BWT", "FWT", "AF", "PS", "Intransigence", "CAP")
+NOT_FULL_PROTOCOL = ("quick", "compare", "rehearsal")
+"""Subtrees of results/ kept out of the full-protocol tables and figures (rehearsal: random-pixel stand-in runs)."""
 FRACTIONS = frozenset({"PS", "P", "S", "CAP"})
 """Metrics shown as fractions (3 decimals); the others are accuracies shown in % (2 decimals)."""
 
@@ -646,7 +648,7 @@ def report(results: Path) -> str:
             "and intransigence in %, PS and CAP as fractions; *gap* = ours mean - paper. \"not run\" = no results on "
             "this machine, \"n/a\" = the metric is undefined for these runs (e.g. intransigence without a joint run), "
             "\"—\" = no number to compare."]
-    body = ["## Full protocol (seeds 42..51)", section(results, "", ("quick", "compare"))]
+    body = ["## Full protocol (seeds 42..51)", section(results, "", NOT_FULL_PROTOCOL)]
     quick = results / "quick"
     if quick.is_dir():
         body += [f"## {QUICK_LABEL}", f"CPU-sized settings from `run_experiments.sh --quick` (`{quick}/`): "
@@ -706,7 +708,7 @@ def pruning_figure(res: Results, path: Path) -> bool:
 def figures(results: Path, out: Path) -> list[Path]:
     """Every figure of the full tree into `out`, of results/quick into `out`/quick; returns the paths written."""
     written: list[Path] = []
-    for root, dest, exclude in ((results, out, ("quick", "compare")), (results / "quick", out / "quick", ())):
+    for root, dest, exclude in ((results, out, NOT_FULL_PROTOCOL), (results / "quick", out / "quick", ())):
         if not root.is_dir():
             continue
         res = Results(find_experiments(root, exclude))

@@ -396,6 +396,116 @@ def test_imagenet_fake_folders(tmp_path: Path) -> None:
         D.get_benchmark("imagenet1k", 2, seed=0, data_dir=str(tmp_path))
 
 
+# ----------------------------------------------------------------------------- device-resident batches, sharding, DataLoader
+
+def test_crop_flip_on_a_hand_built_image() -> None:
+    x = torch.arange(1.0, 17.0).view(1, 1, 4, 4).repeat(3, 2, 1, 1)  # 3 copies, 2 channels, pixels 1..16
+    out = D.crop_flip(x, 1, torch.tensor([[0, 0], [2, 2], [1, 1]]), torch.tensor([False, True, False]))
+    padded = torch.nn.functional.pad(x[0, 0], (1, 1, 1, 1))  # [6, 6], zero border
+    assert torch.equal(out[0, 0], padded[:4, :4])  # top-left window: zero row and column, then pixels
+    assert torch.equal(out[1, 1], padded[2:, 2:].flip(1))  # bottom-right window, mirrored
+    assert torch.equal(out[2], x[2])  # centre offset, no flip: the image itself
+    assert out[0, 0, 0].tolist() == [0, 0, 0, 0] and out[0, 0, 1].tolist() == [0, 1, 2, 3]
+
+
+def _tensor_split(n: int = 90, pad: int = 4) -> D.Split:
+    """A CIFAR-like in-memory split: n random uint8 32x32 images, labels 0..4, crop padding ``pad``."""
+    gen = torch.Generator().manual_seed(5)
+    data = torch.randint(0, 256, (n + 10, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    source = D.TensorSource(data, *D.MEAN_STD["cifar100"], pad=pad)
+    return D.Split(source, torch.randperm(n + 10, generator=gen)[:n], torch.arange(n) % 5)
+
+
+def test_in_memory_batches_seeded_resident_once_and_sharded() -> None:
+    split = _tensor_split()
+    kw = dict(shuffle=True, augment=True, positions=True)
+    single = list(split.batches(16, generator=torch.Generator().manual_seed(1), **kw))
+    again = list(split.batches(16, generator=torch.Generator().manual_seed(1), **kw))
+    other = list(split.batches(16, generator=torch.Generator().manual_seed(2), **kw))
+    assert all(torch.equal(a, b) for s, t in zip(single, again) for a, b in zip(s, t))
+    assert not torch.equal(single[0][0], other[0][0])
+    assert len(split.source._resident) == 1 and split.source.on(torch.device("cpu"))[0] is split.source.data
+    assert D._stats((0.5,), (0.2,), torch.device("cpu"))[0] is D._stats((0.5,), (0.2,), torch.device("cpu"))[0]
+    x_all, y_all, pos_all = (torch.cat(t) for t in zip(*single))
+    assert torch.equal(y_all, split.labels[pos_all]) and sorted(pos_all.tolist()) == list(range(len(split)))
+    for world in (2, 3):
+        kept = [b for b in single if len(b[1]) >= world]
+        shares = [list(split.batches(16, generator=torch.Generator().manual_seed(1), rank=r, world=world, **kw))
+                  for r in range(world)]
+        for r, share in enumerate(shares):
+            assert len(share) == len(kept)
+            assert all(torch.equal(a, b[r::world]) for s, full in zip(share, kept) for a, b in zip(s, full))
+    short = _tensor_split(n=33)  # batches 16, 16, 1: the last one is skipped for world 2 on both ranks
+    assert [len(b[1]) for b in short.batches(16, rank=1, world=2)] == [8, 8]
+    with pytest.raises(ValueError, match="rank 2"):
+        next(short.batches(16, rank=2, world=2))
+
+
+def test_resized_box_fits_and_falls_back_to_the_center() -> None:
+    u = torch.rand(200, D.RRC_TRIES, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for row in u.tolist():
+        left, top, right, bottom = D.resized_box(500, 375, row)
+        w, h = right - left, bottom - top
+        assert 0 <= left < right <= 500 and 0 <= top < bottom <= 375
+        assert 0.07 <= w * h / (500 * 375) <= 1.0 and 0.7 <= w / h <= 1.4
+    too_big = [[1.0, 0.999, 0.5, 0.5]] * D.RRC_TRIES  # full area at aspect 4/3 never fits a 1000 x 100 image
+    assert D.resized_box(1000, 100, too_big) == (433, 0, 566, 100)
+
+
+def test_folder_dataloader_matches_in_process_and_reads_only_the_rank_share(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    D.write_standin("imagenet1k", tmp_path, per_class=6, classes=2)
+    bench = D.get_benchmark("imagenet1k", 1, seed=0, data_dir=str(tmp_path), workers=0)
+    split, source = bench.tasks[0].train, bench.tasks[0].train.source
+    kw = dict(shuffle=True, augment=True, positions=True)
+    in_process = list(split.batches(4, generator=torch.Generator().manual_seed(3), **kw))
+    source.workers = 2
+    workers = list(split.batches(4, generator=torch.Generator().manual_seed(3), **kw))
+    assert all(torch.equal(a, b) for s, t in zip(in_process, workers) for a, b in zip(s, t))
+    gen = torch.Generator().manual_seed(3)  # the draws of Split.batches, redone by hand for sample 0
+    order = torch.randperm(len(split), generator=gen)
+    u, flip = D.draw_resized_crop(4, gen)
+    path = source.paths[int(split.indices[order[0]])]
+    with Image.open(path) as img:
+        ref = img.convert("RGB").resize((224, 224), Image.BILINEAR, box=D.resized_box(*img.size, u[0].tolist()))
+    ref = torch.from_numpy(np.asarray(ref.transpose(Image.FLIP_LEFT_RIGHT) if flip[0] else ref).copy())
+    expected = D.normalize(ref.permute(2, 0, 1)[None].float() / 255, *D.MEAN_STD["imagenet1k"])
+    assert torch.allclose(in_process[0][0][:1], expected, atol=1e-6)
+    source.workers = 0
+    read: list[Path] = []
+    decode = D.decode_file
+    monkeypatch.setattr(D, "decode_file", lambda path, *a: read.append(path) or decode(path, *a))
+    for rank in (0, 1):
+        read.clear()
+        share = list(split.batches(4, generator=torch.Generator().manual_seed(3), rank=rank, world=2, **kw))
+        expected_files = [source.paths[int(i)] for b in in_process for i in split.indices[b[2][rank::2]]]
+        assert read == expected_files and len(read) < len(split)
+        assert all(torch.equal(a, b[rank::2]) for s, full in zip(share, in_process) for a, b in zip(s, full))
+
+
+def test_standins_are_read_by_the_real_loaders(tmp_path: Path) -> None:
+    for name, per_class, classes, shape in (("cifar100", 5, None, (3, 32, 32)), ("tinyimagenet", 1, None, (3, 64, 64)),
+                                            ("imagenet1k", 2, 3, (3, 224, 224))):
+        D.write_standin(name, tmp_path, per_class, classes)
+        D.check_data(name, str(tmp_path), 1)
+        bench = D.get_benchmark(name, 1, seed=0, data_dir=str(tmp_path), workers=0)
+        total = (classes or {"cifar100": 100, "tinyimagenet": 200}[name]) * (per_class + max(1, per_class // 5))
+        assert bench.input_shape == shape and sum(len(s) for s in (bench.tasks[0].train, bench.tasks[0].val,
+                                                                  bench.tasks[0].test)) == total
+        x, _ = next(bench.tasks[0].test.batches(2))
+        assert x.shape == (2, *shape) and x.dtype == torch.float32
+    with pytest.raises(D.DataError, match="no stand-in"):
+        D.write_standin("pmnist", tmp_path, 1)
+
+
+def test_missing_pillow_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_imagenet(tmp_path, classes=2)
+    monkeypatch.setitem(__import__("sys").modules, "PIL", None)
+    bench = D.get_benchmark("imagenet1k", 1, seed=0, data_dir=str(tmp_path), workers=0)
+    with pytest.raises(D.DataError, match="pip install Pillow"):
+        next(bench.tasks[0].test.batches(2))
+
+
 # ----------------------------------------------------------------------------- misc
 
 def test_resolve_data_dir_and_bad_names(monkeypatch: pytest.MonkeyPatch) -> None:

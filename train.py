@@ -50,7 +50,7 @@ SHAPLEY_BATCH = 64
 FORMAT_VERSION = 3
 """Version of the checkpoint layout; a checkpoint of another version is refused."""
 RUN_ONLY_ARGS = frozenset({"seeds", "device", "dist_backend", "data_dir", "out_dir", "joint_results", "overwrite",
-                           "resume", "no_figures", "progress", "prune_analysis"})
+                           "resume", "no_figures", "progress", "prune_analysis", "workers"})
 """Arguments that do not change a seed's training (where and how it runs, what is written, post-hoc analyses)."""
 
 
@@ -217,8 +217,9 @@ def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_
     The step never waits for the device: the training loss is summed on the device and read once per epoch,
     where a non-finite sum stops the run; `log` then gets the epoch's record (losses, accuracy, seconds).
 
-    Distributed: every rank draws the same batches and trains on its share (every world-th sample) through
-    a DDP wrapper made for this phase (heads are added per task); batches smaller than the world are skipped.
+    Distributed: every rank draws the same batches and loads and trains on its share only (every world-th
+    sample) through a DDP wrapper made for this phase (heads are added per task); batches smaller than the
+    world are skipped.
     Returns the number of epochs run.
     """
     optimizer = make_optimizer(model.parameters(), args)
@@ -234,16 +235,15 @@ def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_
             start, loss_sum, steps = time.perf_counter(), torch.zeros((), device=device), 0
             net.train()
             active = [(j, bench.tasks[j].train.batches(args.batch_size, shuffle=True, generator=gen, augment=True,
-                                                       device=device, positions=True)) for j in data_tasks]
+                                                       device=device, positions=True, rank=dist.rank, world=dist.world))
+                      for j in data_tasks]
             while active:
                 for j, it in list(active):
                     batch = next(it, None)
                     if batch is None:
                         active.remove((j, it))
                         continue
-                    if len(batch[1]) < dist.world:
-                        continue
-                    x, y, pos = (b[dist.rank::dist.world] for b in batch)
+                    x, y, pos = batch
                     finished = cache[j][pos] if cache[j] is not None else None
                     loss = (F.cross_entropy(net(x, j, finished), targets(y, j, args.scenario, c))
                             + state.method.penalty(model, x, j))
@@ -365,7 +365,8 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
     """
     torch.manual_seed(seed)
     np.random.seed(seed)
-    bench = datasets.get_benchmark(args.dataset, args.num_tasks, seed, args.data_dir, pmnist_first=args.pmnist_first)
+    bench = datasets.get_benchmark(args.dataset, args.num_tasks, seed, args.data_dir, pmnist_first=args.pmnist_first,
+                                   workers=args.workers)
     T, c = bench.num_tasks, bench.classes_per_task
     saved = load_checkpoint(checkpoint, args, seed) if args.resume and checkpoint and checkpoint.exists() else None
     b = saved["random_init_accuracy"] if saved is not None else random_init_accuracy(bench, args, seed, device)
@@ -640,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--epochs", type=int, default=None, help="max epochs per task; default: the dataset's")
     add("--batch-size", type=int, default=None)
     add("--eval-batch-size", type=int, default=500)
+    add("--workers", type=int, default=None, help="ImageNet decoding processes per rank; default: CPUs / ranks per node")
     add("--lr", type=float, default=0.001)
     add("--optimizer", choices=("adam", "sgd", "adamw"), default="adam")
     add("--momentum", type=float, default=0.9, help="for --optimizer sgd")
@@ -673,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
 RANGES = (("--num-tasks", ">= 1"), ("--sparsity", "(0, 1]"), ("--shapley-eval-batches", ">= 1"), ("--epochs", ">= 1"),
           ("--mask-finetune-epochs", ">= 0"), ("--batch-size", ">= 1"), ("--eval-batch-size", ">= 1"),
           ("--lr", "> 0"), ("--patience", ">= 1"), ("--weight-decay", ">= 0"), ("--width", ">= 1"),
-          ("--reset-rate", "(0, 1]"))
+          ("--reset-rate", "(0, 1]"), ("--workers", ">= 0"))
 """The common numeric flags and their allowed values: '>= x', '> x', or an interval such as '(0, 1]' (the methods'
 and scores' own are in baselines.flag_ranges())."""
 
