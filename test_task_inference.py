@@ -1,0 +1,278 @@
+"""Tests of class-incremental task inference from the frozen subnetworks (task_inference.py, --task-inference)."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import baselines
+import datasets
+import task_inference
+import train
+from baselines import State
+from models import MLP
+from task_inference import RULES, Outputs, TaskStats
+
+
+def cli(tmp_path: Path, *extra: str) -> list[str]:
+    """A small synthetic class-incremental run."""
+    return ["--dataset", "synthetic", "--width", "16", "--epochs", "2", "--max-permutations", "4",
+            "--shapley-eval-batches", "1", "--mask-finetune-epochs", "1", "--eidetic-step", "0.25",
+            "--eidetic-recovery-epochs", "1", "--eidetic-router-epochs", "1", "--scenario", "class_il",
+            "--out-dir", str(tmp_path / "out"), "--seeds", "0", "--no-figures", *extra]
+
+
+def run(tmp_path: Path, *extra: str, on_task_end=None) -> dict:
+    args = train.resolve_args(train.build_parser().parse_args(cli(tmp_path, *extra)))
+    return train.run_seed(args, 0, torch.device("cpu"), on_task_end=on_task_end)
+
+
+# ----------------------------------------------------------------------------- the rules on a constructed case
+
+def own_stats(out: Outputs, task: int, specific: torch.Tensor) -> TaskStats:
+    """Task `task`'s statistics as Recorder.task_end computes them, from `out` standing for its own validation data."""
+    a = out.acts[task].double()
+    stats = TaskStats(specific, a.mean(0).float(), a.std(0, correction=0).clamp(min=task_inference.STD_FLOOR).float())
+    for name, rule in RULES.items():
+        if rule.standardised:
+            raw = rule.raw(Outputs(out.logits[task:task + 1], out.acts[task:task + 1]), [stats])[:, 0].double()
+            stats.score_mean[name], stats.score_std[name] = float(raw.mean()), float(raw.std(correction=0))
+    return stats
+
+
+def constructed(true: int, K: int = 3, B: int = 64, C: int = 4, N: int = 12) -> Outputs:
+    """K tasks' outputs on B samples of task `true`: its head is confident and its own neurons (block `true` of N/K)
+    sit where they sat on its own data; the other heads are flat and their neurons far from their own data."""
+    g = torch.Generator().manual_seed(true)
+    logits = torch.randn(K, B, C, generator=g) * 0.1
+    logits[true, torch.arange(B), torch.arange(B) % C] += 6.0
+    acts = torch.randn(K, B, N, generator=g)
+    for k in range(K):
+        if k != true:
+            acts[k, :, k * N // K:(k + 1) * N // K] += 5.0
+    return Outputs(logits, acts)
+
+
+def test_every_rule_picks_the_known_task():
+    K, N = 3, 12
+    blocks = [torch.arange(N) // (N // K) == k for k in range(K)]
+    stats = [own_stats(constructed(k), k, blocks[k]) for k in range(K)]
+    for true in range(K):
+        out = constructed(true)
+        for name in RULES:
+            pick = task_inference.scores(name, out, stats).argmax(1)
+            assert bool((pick == true).all()), (name, true, pick)
+
+
+def test_calibrated_and_specific_undo_an_over_confident_later_task():
+    """Task 1's head has twice task 0's logit scale everywhere, also on task 0's inputs: heads, maxprob and entropy
+    pick task 1 for task 0's images; standardising by each task's own validation statistics picks task 0."""
+    g = torch.Generator().manual_seed(0)
+    B, C, N = 256, 4, 8
+    labels = torch.arange(B) % C
+
+    def outputs_on(true: int) -> Outputs:
+        logits = torch.randn(2, B, C, generator=g) * 0.1
+        logits[0, torch.arange(B), labels] += 3.0 if true == 0 else 1.0
+        logits[1, torch.arange(B), labels] += 6.0 if true == 1 else 5.0
+        acts = torch.randn(2, B, N, generator=g)
+        acts[1, :, N // 2:] += 0.0 if true == 1 else 4.0  # task 1's own neurons see another distribution
+        return Outputs(logits, acts)
+
+    specific = [torch.arange(N) < N // 2, torch.arange(N) >= N // 2]
+    stats = [own_stats(outputs_on(k), k, specific[k]) for k in range(2)]
+    out = outputs_on(0)
+    for name in ("heads", "maxprob", "entropy"):
+        assert float((task_inference.scores(name, out, stats).argmax(1) == 1).float().mean()) > 0.9, name
+    for name in ("calibrated", "specific"):
+        assert float((task_inference.scores(name, out, stats).argmax(1) == 0).float().mean()) > 0.9, name
+
+
+def test_a_standardised_rule_never_picks_a_task_without_statistics():
+    out = constructed(2)
+    stats = [own_stats(constructed(k), k, torch.ones(12, dtype=torch.bool)) for k in range(2)] + [None]
+    for name, rule in RULES.items():
+        s = task_inference.scores(name, out, stats)
+        assert bool(torch.isneginf(s[:, 2]).all()) == rule.standardised, name
+
+
+# ----------------------------------------------------------------------------- the stacked forward
+
+def test_stacked_gates_with_their_own_constants_equal_one_forward_each():
+    torch.manual_seed(0)
+    model = MLP(20, 16, 3).eval()
+    model.add_head(3)
+    x = torch.randn(5, 20)
+    keep = torch.rand(4, model.num_neurons) < 0.5
+    const = torch.randn(4, model.num_neurons)
+    with torch.no_grad(), model.gated(keep, const):
+        stacked = model(x.repeat(4, 1), 0).view(4, 5, 3)
+    for k in range(4):
+        with torch.no_grad(), model.gated(keep[k], const[k]):
+            assert torch.allclose(stacked[k], model(x, 0), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["snv", "packnet", "eidetic"])
+def test_outputs_are_each_tasks_own_logits(tmp_path, method):
+    """outputs(): task k's stacked logits equal its TIL logits (task_logits) for every finished task."""
+    seen = []
+
+    def check(t, model, state):
+        x = torch.randn(7, 3, 8, 8)
+        out = task_inference.outputs(model, x, range(t + 1), state, max_rows=10)
+        assert out.logits.shape[:2] == (t + 1, 7) and out.acts.shape == (t + 1, 7, model.num_neurons)
+        for k in range(t + 1):
+            assert torch.allclose(out.logits[k], train.frozen_logits(model, x, k, state), atol=1e-5)
+        seen.append(t)
+
+    run(tmp_path, "--method", method, on_task_end=check)
+    assert seen == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- runs
+
+def test_heads_is_unchanged_and_recording_changes_nothing(tmp_path, monkeypatch):
+    """--task-inference heads: the accuracy matrix is the concatenated-head argmax's, and recording every rule
+    beside it changes no result and no weight (a run with the recording switched off is bit-identical)."""
+    models = []
+    recorded = run(tmp_path, on_task_end=lambda t, model, state: models.append(copy.deepcopy(model.state_dict())))
+    monkeypatch.setattr(baselines.SNV, "infers_tasks", classmethod(lambda cls, args: False))
+    plain_models = []
+    plain = run(tmp_path, on_task_end=lambda t, model, state: plain_models.append(copy.deepcopy(model.state_dict())))
+    assert "task_inference" not in plain and recorded["accuracy_matrix"] == plain["accuracy_matrix"]
+    assert recorded["metrics"] == plain["metrics"]
+    for a, b in zip(models, plain_models):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    ti = recorded["task_inference"]
+    assert ti["selected"] == "heads" and set(ti["rules"]) == set(RULES)
+    assert ti["rules"]["heads"]["accuracy_matrix"] == recorded["accuracy_matrix"]
+    for rule in ti["rules"].values():
+        T = len(rule["task_id_matrix"])
+        assert all(rule["task_id_matrix"][i][j] is not None for i in range(T) for j in range(min(i + 2, T)))
+        assert all(a <= t + 1e-12 for row_a, row_t in zip(rule["accuracy_matrix"], rule["task_id_matrix"])
+                   for a, t in zip(row_a, row_t) if a is not None)
+
+
+@pytest.mark.parametrize("method", ["snv", "packnet", "wsn", "eidetic"])
+def test_a_rule_gives_the_accuracy_matrix(tmp_path, method):
+    result = run(tmp_path, "--method", method, "--task-inference", "specific")
+    ti = result["task_inference"]
+    assert ti["selected"] == "specific" and result["accuracy_matrix"] == ti["rules"]["specific"]["accuracy_matrix"]
+    assert result["metrics"] == ti["rules"]["specific"]["metrics"]
+    assert [s["task"] for s in ti["statistics"]] == [1, 2, 3]
+
+
+class SplitWatch:
+    """Records every access to a split: (tasks finished so far, task, kind)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.finished, self.log, self.kinds = 0, [], {}
+        get, batches = datasets.get_benchmark, datasets.Split.batches
+        watch = self
+
+        def get_benchmark(*a, **kw):
+            bench = get(*a, **kw)
+            watch.kinds = {id(getattr(task, kind)): (task.index, kind) for task in bench.tasks
+                           for kind in ("train", "val", "test")}
+            return bench
+
+        def watched(split, *a, **kw):
+            watch.log.append((watch.finished, *watch.kinds[id(split)]))
+            return batches(split, *a, **kw)
+
+        monkeypatch.setattr(datasets, "get_benchmark", get_benchmark)
+        monkeypatch.setattr(datasets.Split, "batches", watched)
+
+    def task_end(self, t: int, model, state) -> None:
+        self.finished = t + 1
+
+
+@pytest.mark.parametrize("method", ["snv", "packnet"])
+def test_nothing_of_an_earlier_tasks_data_is_kept(tmp_path, monkeypatch, method):
+    """Past its task, a task's train and val splits are never read again (test splits only by evaluation), and what
+    the method, the state and the recorder keep has no sample dimension: model-shaped tensors, [N] vectors, scalars."""
+    watch = SplitWatch(monkeypatch)
+    recorders = []
+    original = task_inference.Recorder
+
+    class Kept(original):
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            recorders.append(self)
+
+    monkeypatch.setattr(task_inference, "Recorder", Kept)
+    states = []
+    run(tmp_path, "--method", method, on_task_end=lambda t, model, state: (watch.task_end(t, model, state),
+                                                                           states.append((model, state))))
+    late = [(done, task, kind) for done, task, kind in watch.log if kind != "test" and task < done]
+    assert late == []
+    model, state = states[-1]
+    allowed = {tuple(t.shape) for t in [*model.parameters(), *model.buffers()]} | {(model.num_neurons,), ()}
+    kept: list[torch.Tensor] = []
+
+    def walk(obj, depth=0) -> None:
+        if isinstance(obj, torch.Tensor):
+            kept.append(obj)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, depth + 1)
+        elif hasattr(obj, "__dict__") and depth < 3 and not isinstance(obj, (torch.nn.Module, type)):
+            walk({k: v for k, v in vars(obj).items() if k != "args"}, depth + 1)
+
+    walk([state.frozen, state.subnets, state.method, recorders[0].stats])
+    assert kept and all(tuple(t.shape) in allowed for t in kept), sorted({tuple(t.shape) for t in kept})
+    stats = recorders[0].stats
+    assert len(stats) == 3 and all(isinstance(v, float) for s in stats for v in [*s.score_mean.values(),
+                                                                                   *s.score_std.values()])
+
+
+def test_resumed_run_records_the_same_task_inference(tmp_path):
+    reference = run(tmp_path / "ref")
+    out = tmp_path / "run"
+    save = train.save_checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(path, args, seed, model, state, gen, progress):
+        save(path, args, seed, model, state, gen, progress)
+        if progress["tasks_done"] == 2:
+            raise Stop
+
+    train.save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(Stop):
+            train.main(cli(out))
+    finally:
+        train.save_checkpoint = save
+    assert train.main(cli(out, "--resume")) == 0
+    resumed = json.loads((out / "out" / "seed0.json").read_text())
+    assert resumed["task_inference"]["rules"] == reference["task_inference"]["rules"]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--scenario", "task_il", "--task-inference", "entropy"], "needs --scenario class_il"),
+    (["--method", "sgd", "--task-inference", "entropy"], "needs --scenario class_il and a method"),
+    (["--inference", "dense", "--task-inference", "calibrated"], "--inference masked"),
+    (["--method", "wsn"], "class_il only with a --task-inference rule other than heads"),
+])
+def test_impossible_task_inference_exits_2(tmp_path, capsys, extra, needle):
+    assert train.main(cli(tmp_path, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and needle in err, err
+    assert not list((tmp_path / "out").glob("seed*.json"))
+
+
+def test_every_rule_is_a_cli_choice_and_names_its_folder():
+    args = train.build_parser().parse_args(["--scenario", "class_il", "--task-inference", "specific"])
+    args.world_size = 1
+    assert all(ok for ok, _ in baselines.resolve_args(args)) and baselines.run_name(args) == "snv@specific"
+    for name in RULES:
+        assert train.build_parser().parse_args(["--task-inference", name]).task_inference == name
+    assert next(iter(RULES)) == "heads" and train.build_parser().parse_args([]).task_inference == "heads"
