@@ -276,3 +276,25 @@ def test_every_rule_is_a_cli_choice_and_names_its_folder():
     for name in RULES:
         assert train.build_parser().parse_args(["--task-inference", name]).task_inference == name
     assert next(iter(RULES)) == "heads" and train.build_parser().parse_args([]).task_inference == "heads"
+
+
+def test_report_table_reads_every_rule_from_the_runs(tmp_path):
+    import report
+
+    def seed(s: int, acc: float) -> dict:
+        rules = {name: {"metrics": {"ACC": acc + i / 10 + (s - 42) / 100, "BWT": -0.1, "AF": 0.1},
+                        "task_id_final": 0.5 + i / 10} for i, name in enumerate(RULES)}
+        return {"seed": s, "args": {"method": "snv", "scenario": "class_il", "num_tasks": 10},
+                "metrics": {"ACC": 0.1, "BWT": -0.9, "AF": 0.9}, "task_inference": {"rules": rules}}
+
+    folder = tmp_path / "compare" / "baselines" / "pmnist_class_il_snv-taskinf"
+    folder.mkdir(parents=True)
+    for s in (42, 43):
+        (folder / f"seed{s}.json").write_text(json.dumps(seed(s, 0.1)))
+    text = report.compare_section(tmp_path / "compare")
+    table = text.split("### Class-incremental without replay")[1]
+    last = len(RULES) - 1
+    assert f"| SNV, {list(RULES)[last]} | {10 + 10 * last + 0.5:.2f} ± 0.50 | {50 + 10 * last:.2f} ± 0.00 |" in table
+    assert "| SNV, heads | 10.50 ± 0.50 | 50.00 ± 0.00 |" in table
+    assert "| Eidetic (with its replay-trained router) | not run |" in table
+    assert "| Eidetic (subnetworks only), heads | not run |" in table and "| Joint (upper bound) | not run |" in table
