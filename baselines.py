@@ -628,7 +628,7 @@ class WSN(WeightMasks):
     earlier task's mask are reused frozen. Task-incremental, or class-incremental with a --task-inference rule.
     """
 
-    name, label, help = "wsn", "WSN", "Winning SubNetworks: learned weight masks (Kang et al. 2022), task-incremental (class-incremental with --task-inference)"
+    name, label, help = "wsn", "WSN", "Winning SubNetworks: learned weight masks (Kang et al. 2022), task-incremental"
     scenarios = ("task_il",)
 
     def __init__(self, args: argparse.Namespace, model: ContinualNet, seed: int) -> None:
