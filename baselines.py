@@ -953,7 +953,7 @@ def resumable(method: str, reset: str) -> bool:
 
 
 def run_name(args: argparse.Namespace) -> str:
-    """The default results-folder name of a run: snv, snv-random, eidetic-magnitude, snv+gxd, packnet, snv@specific, ..."""
+    """The default results-folder name of a run: snv, snv-random, eidetic-magnitude, snv+gxd, packnet, snv@marginal, ..."""
     name = args.method
     if args.importance not in (None, METHODS[args.method].default_importance()):
         name += f"-{args.importance}"

@@ -3,22 +3,22 @@
 A mask-based method (SNV with masked inference, PackNet, WSN, Eidetic) keeps every finished task's
 subnetwork intact, so its task-incremental accuracy survives; class-incremental evaluation fails only
 because the task must be identified. Here each test image goes through every task's subnetwork and head
-(one stacked forward for neuron subnetworks: model.gated with K coalitions), a rule scores each task,
+(one stacked forward for neuron subnetworks: model.gated with a coalition per task), a rule scores each task,
 the best-scored task is picked and that task's head picks the class.
 
 The rules are registered in RULES (the --task-inference choices). Each maps the stacked per-task logits
-[K, B, C] (and the per-task neuron activations [K, B, N]) to task scores [B, K]. `calibrated` and
-`specific` also use statistics that task k recorded when it ended, from its OWN validation split only:
-the mean and std of its raw score, and for `specific` the mean and std [N] of its specific neurons'
-activations. Nothing else of a task's data is kept.
+[K, B, C] (and, for `marginal`, the logits without each task's own part) to task scores [B, K]. The
+standardised rules (`calibrated`, `marginal`) also use two scalars that task k recorded when it ended, from
+its OWN validation split only: the mean and std of its raw score. Nothing else of a task's data is kept.
 
-`specific` (this harness's own rule): later subnetworks contain the earlier ones plus more neurons, so
-they are confident on earlier tasks' inputs as well. What is specific to task k is its own neurons (the
-members of its subnetwork that are not members of task k-1's: S_k without B_{k-1}; for weight-mask
-methods, where no neuron belongs to a task, every neuron). Their activations on task k's inputs follow
-the distribution they were trained on; on another task's inputs they do not. The raw score is the
-diagonal Gaussian log-likelihood -mean_i ((a_i - m_i) / s_i)^2 over those neurons (m, s from task k's
-validation split), standardised by its own validation mean and std.
+`marginal` (this harness's own rule): later subnetworks contain the earlier ones plus more neurons, so
+they are confident on earlier tasks' inputs as well, but there that confidence comes from the neurons they
+share with the earlier tasks. What is specific to task k is its own part of the network (for neuron
+subnetworks S_k without B_{k-1}, the members task k-1's subnetwork lacks; for weight masks the weights no
+earlier task uses). Its raw score is the marginal contribution of that part to the predicted class: head k's
+largest logit through task k's subnetwork minus the same class's logit with task k's own part removed
+(neurons replaced by their mean mu as in V(S), weights zeroed), standardised on task k's own validation split.
+On task k's inputs its own neurons carry the evidence; on an earlier task's inputs they add little.
 """
 from __future__ import annotations
 
@@ -30,26 +30,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.func import functional_call
 
+import baselines
 import datasets
 import metrics
 from baselines import State
 from models import ContinualNet
 
 STD_FLOOR = 1e-4
-"""Smallest standard deviation a statistic may have (a constant neuron or score would divide by zero)."""
+"""Smallest standard deviation a score's statistic may have (a constant score would divide by zero)."""
 
 
 @dataclass
 class TaskStats:
-    """What task k leaves behind, measured on its own validation split when it ends (no sample dimension)."""
+    """What task k leaves behind, measured on its own validation split when it ends: scalars only."""
 
-    specific: Tensor
-    """[N] bool: task k's specific neurons."""
-    act_mean: Tensor
-    """[N]: mean activation of each neuron (spatial mean per sample for a conv channel) through task k's subnetwork."""
-    act_std: Tensor
-    """[N]: their standard deviation (at least STD_FLOOR)."""
     score_mean: dict[str, float] = field(default_factory=dict)
     """Per standardised rule: the mean of its raw score for task k on task k's validation samples."""
     score_std: dict[str, float] = field(default_factory=dict)
@@ -61,8 +57,8 @@ class Outputs:
 
     logits: Tensor
     """[K, B, C]: task k's logits."""
-    acts: Tensor
-    """[K, B, N]: every neuron's activation (gate output; a conv channel's spatial mean) through task k's subnetwork."""
+    without: Tensor
+    """[K, B, C]: task k's logits with its own part of the network removed (see `marginal`)."""
 
 
 RawScore = Callable[[Outputs, list[TaskStats | None]], Tensor]
@@ -114,17 +110,11 @@ def calibrated(out: Outputs, stats: list[TaskStats | None]) -> Tensor:
     return torch.logsumexp(out.logits, 2).T
 
 
-@register_rule("specific", "the Gaussian log-likelihood of the task's specific neurons' activations (its own "
-                           "validation mean and std), standardised on its own validation split",
-               standardised=True)
-def specific(out: Outputs, stats: list[TaskStats | None]) -> Tensor:
-    K, B, _ = out.acts.shape
-    scores = torch.full((B, K), -math.inf, dtype=out.acts.dtype, device=out.acts.device)
-    for k, s in enumerate(stats):
-        if s is not None:
-            z = (out.acts[k][:, s.specific] - s.act_mean[s.specific]) / s.act_std[s.specific]
-            scores[:, k] = -z.pow(2).mean(1)
-    return scores
+@register_rule("marginal", "the drop of the head's top logit when the task's own neurons or weights are removed, "
+                           "standardised on the task's own validation split", standardised=True)
+def marginal(out: Outputs, stats: list[TaskStats | None]) -> Tensor:
+    top = out.logits.argmax(2, keepdim=True)
+    return (out.logits.gather(2, top) - out.without.gather(2, top)).squeeze(2).T
 
 
 def scores(name: str, out: Outputs, stats: list[TaskStats | None]) -> Tensor:
@@ -142,56 +132,52 @@ def scores(name: str, out: Outputs, stats: list[TaskStats | None]) -> Tensor:
 
 # ----------------------------------------------------------------------------- the stacked forward
 
-def specific_neurons(state: State, task: int, n: int) -> Tensor:
-    """[N] bool: the neurons of task `task`'s subnetwork that task-1's lacks (all members if none are new; every
-    neuron for weight-mask methods)."""
-    if state.method.per_task:
-        return torch.ones(n, dtype=torch.bool)
-    members = state.subnets[task][0].cpu()
-    new = members & ~state.subnets[task - 1][0].cpu() if task > 0 else members
+def own_neurons(state: State, task: int) -> Tensor:
+    """[N] bool: the members of task `task`'s subnetwork that task-1's lacks (all its members if none are new)."""
+    members = state.subnets[task][0]
+    new = members & ~state.subnets[task - 1][0] if task > 0 else members
     return new if bool(new.any()) else members
+
+
+def without_own_weights(model: ContinualNet, method: baselines.WeightMasks, x: Tensor, task: int) -> Tensor:
+    """[B, C]: finished task `task`'s logits through the weights of its mask that an earlier task's mask holds too."""
+    earlier = {n: torch.zeros_like(m) for n, m in method.masks[task].items()}
+    for mask in method.masks[:task]:
+        earlier = {n: earlier[n] | mask[n] for n in earlier}
+    overrides = {n: model.get_parameter(n) * (m & earlier[n]) for n, m in method.masks[task].items()}
+    return functional_call(model, overrides | method.norms[task], (x, task))
 
 
 @torch.no_grad()
 def outputs(model: ContinualNet, x: Tensor, tasks: range, state: State, max_rows: int) -> Outputs:
-    """The heads of `tasks` (K of them), each through its own task's subnetwork, in eval mode; x [B, ...].
+    """The heads of `tasks` (K of them), each through its own task's subnetwork, with and without the task's own
+    part, in eval mode; x [B, ...].
 
-    Neuron subnetworks (SNV, Eidetic) run as stacked forwards of at most `max_rows` rows (x repeated, one
-    coalition with its own constants per task); weight-mask methods (per_task) run each task's masked
-    weights in turn. A task without a subnetwork yet (the fresh head before training) runs the plain network.
+    Neuron subnetworks (SNV, Eidetic) run as stacked forwards of at most `max_rows` rows (x repeated, 2K
+    coalitions, each with its task's constants); weight-mask methods (per_task) run each task's masked weights in
+    turn. A task without a subnetwork yet (the fresh head before training) runs the plain network, `without` =
+    its logits (no standardised rule scores it).
     """
     model.eval()
-    captured: dict[int, Tensor] = {}
-
-    def hook(l: int) -> Callable:
-        def capture(module, inputs, out: Tensor) -> None:
-            captured[l] = out.flatten(2).mean(2) if out.dim() > 2 else out
-        return capture
-
-    handles = [layer.gate.register_forward_hook(hook(l)) for l, layer in enumerate(model.layers)]
-    try:
-        def run(fn: Callable[[], Tensor]) -> tuple[Tensor, Tensor]:
-            logits = fn()
-            return logits, torch.cat([captured[l] for l in range(len(model.layers))], 1)
-
-        pieces: list[tuple[Tensor, Tensor]] = []
-        stacked = range(tasks.start, tasks.start if state.method.per_task else min(len(state.subnets), tasks.stop))
-        if stacked:
-            keep = torch.stack([state.subnets[k][0] for k in stacked])
-            const = torch.stack([state.subnets[k][1] for k in stacked])
-            chunks = []
-            for xb in x.split(max(1, max_rows // len(stacked))):
-                with model.gated(keep, const):
-                    feats, acts = run(lambda: model.features(xb.repeat(len(stacked), *(1,) * (xb.dim() - 1))))
-                feats, acts = feats.view(len(stacked), len(xb), -1), acts.view(len(stacked), len(xb), -1)
-                chunks.append((torch.stack([model.heads[k](f) for k, f in zip(stacked, feats)]), acts))
-            pieces.append((torch.cat([c[0] for c in chunks], 1), torch.cat([c[1] for c in chunks], 1)))
-        for k in range(stacked.stop, tasks.stop):
-            logits, acts = run(lambda: state.method.forward(model, x, k))
-            pieces.append((logits.unsqueeze(0), acts.unsqueeze(0)))
-    finally:
-        for h in handles:
-            h.remove()
+    method = state.method
+    finished = len(method.masks) if isinstance(method, baselines.WeightMasks) else len(state.subnets)
+    pieces: list[tuple[Tensor, Tensor]] = []
+    stacked = range(tasks.start, tasks.start if method.per_task else min(finished, tasks.stop))
+    if stacked:
+        keep = torch.stack([state.subnets[k][0] for k in stacked])
+        keep = torch.cat([keep, keep & ~torch.stack([own_neurons(state, k) for k in stacked])])
+        const = torch.stack([state.subnets[k][1] for k in stacked]).repeat(2, 1)
+        K, chunks = len(stacked), []
+        for xb in x.split(max(1, max_rows // (2 * K))):
+            with model.gated(keep, const):
+                feats = model.features(xb.repeat(2 * K, *(1,) * (xb.dim() - 1))).view(2, K, len(xb), -1)
+            chunks.append(torch.stack([torch.stack([model.heads[k](f) for k, f in zip(stacked, half)]) for half in feats]))
+        both = torch.cat(chunks, 2)
+        pieces.append((both[0], both[1]))
+    for k in range(stacked.stop, tasks.stop):
+        logits = method.forward(model, x, k)
+        without = without_own_weights(model, method, x, k) if method.per_task and k < finished else logits
+        pieces.append((logits.unsqueeze(0), without.unsqueeze(0)))
     return Outputs(torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]))
 
 
@@ -211,14 +197,10 @@ class Recorder:
     @torch.no_grad()
     def task_end(self, model: ContinualNet, state: State, task: int, val: datasets.Split) -> None:
         """Record task `task`'s statistics from its own validation split, through its final subnetwork."""
-        n = model.num_neurons
-        spec, own = specific_neurons(state, task, n), range(task, task + 1)
-        a = torch.cat([self.outputs(model, state, own, x).acts[0]
-                       for x, _ in val.batches(self.batch_size, device=self.device)]).double()
-        stats = TaskStats(spec, a.mean(0).float(), a.std(0, correction=0).clamp(min=STD_FLOOR).float())
+        own, stats = range(task, task + 1), TaskStats()
         raws: dict[str, list[Tensor]] = {name: [] for name, rule in RULES.items() if rule.standardised}
         for x, _ in val.batches(self.batch_size, device=self.device):
-            out = self.outputs(model, state, own, x)
+            out = outputs(model, x, own, state, self.batch_size)
             for name in raws:
                 raws[name].append(RULES[name].raw(out, [stats])[:, 0].double().cpu())
         for name, values in raws.items():
@@ -226,11 +208,6 @@ class Recorder:
             stats.score_mean[name] = float(v.mean())
             stats.score_std[name] = max(float(v.std(correction=0)), STD_FLOOR)
         self.stats.append(stats)
-
-    def outputs(self, model: ContinualNet, state: State, tasks: range, x: Tensor) -> Outputs:
-        """outputs() of `tasks` on x, its activations on the CPU, where the statistics are."""
-        out = outputs(model, x, tasks, state, self.batch_size)
-        return Outputs(out.logits, out.acts.cpu())
 
     @torch.no_grad()
     def evaluate(self, model: ContinualNet, state: State, split: datasets.Split, task: int, upto: int, row: int,
@@ -241,7 +218,7 @@ class Recorder:
         identified = {name: 0 for name in RULES}
         total = 0
         for x, y in split.batches(self.batch_size, device=self.device):
-            out = self.outputs(model, state, range(upto + 1), x)
+            out = outputs(model, x, range(upto + 1), state, self.batch_size)
             y = y.cpu()
             logits = out.logits.cpu()
             for name in RULES:
@@ -266,14 +243,13 @@ class Recorder:
                              "metrics": metrics.compute_metrics(self.accuracy[name], b, joint_diag, frozen, n),
                              "task_id_final": float(np.mean(self.task_id[name][-1]))}
                       for name in RULES},
-            "statistics": [{"task": k + 1, "specific_neurons": int(s.specific.sum()), "score_mean": s.score_mean,
-                            "score_std": s.score_std} for k, s in enumerate(self.stats)],
+            "statistics": [{"task": k + 1, "score_mean": s.score_mean, "score_std": s.score_std}
+                           for k, s in enumerate(self.stats)],
         }
 
     def state_dict(self) -> dict:
         """Everything needed to continue after a checkpoint (tensors, lists and floats only)."""
-        return {"stats": [{"specific": s.specific, "act_mean": s.act_mean, "act_std": s.act_std,
-                           "score_mean": s.score_mean, "score_std": s.score_std} for s in self.stats],
+        return {"stats": [{"score_mean": s.score_mean, "score_std": s.score_std} for s in self.stats],
                 "accuracy": {k: v.tolist() for k, v in self.accuracy.items()},
                 "task_id": {k: v.tolist() for k, v in self.task_id.items()}}
 

@@ -32,34 +32,29 @@ def run(tmp_path: Path, *extra: str, on_task_end=None) -> dict:
 
 # ----------------------------------------------------------------------------- the rules on a constructed case
 
-def own_stats(out: Outputs, task: int, specific: torch.Tensor) -> TaskStats:
+def own_stats(out: Outputs, task: int) -> TaskStats:
     """Task `task`'s statistics as Recorder.task_end computes them, from `out` standing for its own validation data."""
-    a = out.acts[task].double()
-    stats = TaskStats(specific, a.mean(0).float(), a.std(0, correction=0).clamp(min=task_inference.STD_FLOOR).float())
+    stats = TaskStats()
     for name, rule in RULES.items():
         if rule.standardised:
-            raw = rule.raw(Outputs(out.logits[task:task + 1], out.acts[task:task + 1]), [stats])[:, 0].double()
+            raw = rule.raw(Outputs(out.logits[task:task + 1], out.without[task:task + 1]), [stats])[:, 0].double()
             stats.score_mean[name], stats.score_std[name] = float(raw.mean()), float(raw.std(correction=0))
     return stats
 
 
-def constructed(true: int, K: int = 3, B: int = 64, C: int = 4, N: int = 12) -> Outputs:
-    """K tasks' outputs on B samples of task `true`: its head is confident and its own neurons (block `true` of N/K)
-    sit where they sat on its own data; the other heads are flat and their neurons far from their own data."""
+def constructed(true: int, K: int = 3, B: int = 64, C: int = 4) -> Outputs:
+    """K tasks' outputs on B samples of task `true`: its head is confident and loses that confidence without its own
+    part of the network; the other heads are flat with or without theirs."""
     g = torch.Generator().manual_seed(true)
     logits = torch.randn(K, B, C, generator=g) * 0.1
+    without = logits + torch.randn(K, B, C, generator=g) * 0.1
     logits[true, torch.arange(B), torch.arange(B) % C] += 6.0
-    acts = torch.randn(K, B, N, generator=g)
-    for k in range(K):
-        if k != true:
-            acts[k, :, k * N // K:(k + 1) * N // K] += 5.0
-    return Outputs(logits, acts)
+    return Outputs(logits, without)
 
 
 def test_every_rule_picks_the_known_task():
-    K, N = 3, 12
-    blocks = [torch.arange(N) // (N // K) == k for k in range(K)]
-    stats = [own_stats(constructed(k), k, blocks[k]) for k in range(K)]
+    K = 3
+    stats = [own_stats(constructed(k), k) for k in range(K)]
     for true in range(K):
         out = constructed(true)
         for name in RULES:
@@ -67,33 +62,35 @@ def test_every_rule_picks_the_known_task():
             assert bool((pick == true).all()), (name, true, pick)
 
 
-def test_calibrated_and_specific_undo_an_over_confident_later_task():
-    """Task 1's head has twice task 0's logit scale everywhere, also on task 0's inputs: heads, maxprob and entropy
-    pick task 1 for task 0's images; standardising by each task's own validation statistics picks task 0."""
+def test_calibrated_and_marginal_undo_an_over_confident_later_task():
+    """Task 1's head has twice task 0's logit scale everywhere, also on task 0's inputs, where that confidence does
+    not come from task 1's own neurons: heads, maxprob and entropy pick task 1 for task 0's images; standardising
+    by each task's own validation statistics (calibrated) and task 1's own neurons' contribution (marginal) pick
+    task 0."""
     g = torch.Generator().manual_seed(0)
-    B, C, N = 256, 4, 8
+    B, C = 256, 4
     labels = torch.arange(B) % C
 
     def outputs_on(true: int) -> Outputs:
         logits = torch.randn(2, B, C, generator=g) * 0.1
         logits[0, torch.arange(B), labels] += 3.0 if true == 0 else 1.0
         logits[1, torch.arange(B), labels] += 6.0 if true == 1 else 5.0
-        acts = torch.randn(2, B, N, generator=g)
-        acts[1, :, N // 2:] += 0.0 if true == 1 else 4.0  # task 1's own neurons see another distribution
-        return Outputs(logits, acts)
+        without = logits.clone()
+        without[0, torch.arange(B), labels] -= 2.0 if true == 0 else 0.5
+        without[1, torch.arange(B), labels] -= 4.0 if true == 1 else 0.5
+        return Outputs(logits, without)
 
-    specific = [torch.arange(N) < N // 2, torch.arange(N) >= N // 2]
-    stats = [own_stats(outputs_on(k), k, specific[k]) for k in range(2)]
+    stats = [own_stats(outputs_on(k), k) for k in range(2)]
     out = outputs_on(0)
     for name in ("heads", "maxprob", "entropy"):
         assert float((task_inference.scores(name, out, stats).argmax(1) == 1).float().mean()) > 0.9, name
-    for name in ("calibrated", "specific"):
+    for name in ("calibrated", "marginal"):
         assert float((task_inference.scores(name, out, stats).argmax(1) == 0).float().mean()) > 0.9, name
 
 
 def test_a_standardised_rule_never_picks_a_task_without_statistics():
     out = constructed(2)
-    stats = [own_stats(constructed(k), k, torch.ones(12, dtype=torch.bool)) for k in range(2)] + [None]
+    stats = [own_stats(constructed(k), k) for k in range(2)] + [None]
     for name, rule in RULES.items():
         s = task_inference.scores(name, out, stats)
         assert bool(torch.isneginf(s[:, 2]).all()) == rule.standardised, name
@@ -117,15 +114,25 @@ def test_stacked_gates_with_their_own_constants_equal_one_forward_each():
 
 @pytest.mark.parametrize("method", ["snv", "packnet", "eidetic"])
 def test_outputs_are_each_tasks_own_logits(tmp_path, method):
-    """outputs(): task k's stacked logits equal its TIL logits (task_logits) for every finished task."""
+    """outputs(): task k's stacked logits equal its TIL logits (task_logits) for every finished task, and without
+    its own part they equal a forward through task k-1's part of the network with head k."""
     seen = []
 
     def check(t, model, state):
         x = torch.randn(7, 3, 8, 8)
         out = task_inference.outputs(model, x, range(t + 1), state, max_rows=10)
-        assert out.logits.shape[:2] == (t + 1, 7) and out.acts.shape == (t + 1, 7, model.num_neurons)
+        assert out.logits.shape == out.without.shape == (t + 1, 7, model.heads[0].out_features)
         for k in range(t + 1):
             assert torch.allclose(out.logits[k], train.frozen_logits(model, x, k, state), atol=1e-5)
+            if method == "packnet":
+                earlier = {n: model.get_parameter(n) * state.method.masks[k - 1][n] if k else
+                           torch.zeros_like(model.get_parameter(n)) for n in state.method.names}
+                expected = torch.func.functional_call(model, earlier | state.method.norms[k], (x, k))
+            else:
+                keep, mu = state.subnets[k]
+                with torch.no_grad(), model.gated(keep & ~task_inference.own_neurons(state, k), mu):
+                    expected = model(x, k)
+            assert torch.allclose(out.without[k], expected, atol=1e-5)
         seen.append(t)
 
     run(tmp_path, "--method", method, on_task_end=check)
@@ -158,10 +165,10 @@ def test_heads_is_unchanged_and_recording_changes_nothing(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("method", ["snv", "packnet", "wsn", "eidetic"])
 def test_a_rule_gives_the_accuracy_matrix(tmp_path, method):
-    result = run(tmp_path, "--method", method, "--task-inference", "specific")
+    result = run(tmp_path, "--method", method, "--task-inference", "marginal")
     ti = result["task_inference"]
-    assert ti["selected"] == "specific" and result["accuracy_matrix"] == ti["rules"]["specific"]["accuracy_matrix"]
-    assert result["metrics"] == ti["rules"]["specific"]["metrics"]
+    assert ti["selected"] == "marginal" and result["accuracy_matrix"] == ti["rules"]["marginal"]["accuracy_matrix"]
+    assert result["metrics"] == ti["rules"]["marginal"]["metrics"]
     assert [s["task"] for s in ti["statistics"]] == [1, 2, 3]
 
 
@@ -264,9 +271,9 @@ def test_impossible_task_inference_exits_2(tmp_path, capsys, extra, needle):
 
 
 def test_every_rule_is_a_cli_choice_and_names_its_folder():
-    args = train.build_parser().parse_args(["--scenario", "class_il", "--task-inference", "specific"])
+    args = train.build_parser().parse_args(["--scenario", "class_il", "--task-inference", "marginal"])
     args.world_size = 1
-    assert all(ok for ok, _ in baselines.resolve_args(args)) and baselines.run_name(args) == "snv@specific"
+    assert all(ok for ok, _ in baselines.resolve_args(args)) and baselines.run_name(args) == "snv@marginal"
     for name in RULES:
         assert train.build_parser().parse_args(["--task-inference", name]).task_inference == name
     assert next(iter(RULES)) == "heads" and train.build_parser().parse_args([]).task_inference == "heads"
