@@ -210,8 +210,8 @@ class Recorder:
         self.stats.append(stats)
 
     @torch.no_grad()
-    def evaluate(self, model: ContinualNet, state: State, split: datasets.Split, task: int, upto: int, row: int,
-                 classes_per_task: int) -> dict[str, float]:
+    def evaluate(self, model: ContinualNet, state: State, split: datasets.Split, task: int, upto: int,
+                 row: int) -> dict[str, float]:
         """Every rule's accuracy on `task`'s split over heads 0..upto (stored at [row, task]); returns them by rule."""
         stats: list[TaskStats | None] = [self.stats[k] if k < len(self.stats) else None for k in range(upto + 1)]
         correct = {name: 0 for name in RULES}

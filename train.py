@@ -385,7 +385,7 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
         acc = evaluate(model, bench.tasks[j].test, j, upto, args, state, device, c)[0]
         if infer is None:
             return acc
-        by_rule = infer.evaluate(model, state, bench.tasks[j].test, j, upto, row, c)
+        by_rule = infer.evaluate(model, state, bench.tasks[j].test, j, upto, row)
         return acc if args.task_inference == "heads" else by_rule[args.task_inference]
 
     if saved is not None:
