@@ -61,8 +61,8 @@ class Outputs:
     """[K, B, C]: task k's logits with its own part of the network removed (see `marginal`)."""
 
 
-RawScore = Callable[[Outputs, list[TaskStats | None]], Tensor]
-"""(outputs, per-task statistics) -> raw scores [B, K], larger = more likely the task."""
+RawScore = Callable[[Outputs], Tensor]
+"""Outputs of K tasks on B images -> raw scores [B, K], larger = more likely the task."""
 
 
 @dataclass(frozen=True)
@@ -89,30 +89,30 @@ def register_rule(name: str, help: str, standardised: bool = False) -> Callable[
 
 
 @register_rule("heads", "the largest logit of any head (the concatenated-head argmax)")
-def heads(out: Outputs, stats: list[TaskStats | None]) -> Tensor:
+def heads(out: Outputs) -> Tensor:
     return out.logits.amax(2).T
 
 
 @register_rule("maxprob", "the highest softmax probability of the task's head")
-def maxprob(out: Outputs, stats: list[TaskStats | None]) -> Tensor:
+def maxprob(out: Outputs) -> Tensor:
     return F.softmax(out.logits, 2).amax(2).T
 
 
 @register_rule("entropy", "the lowest softmax entropy of the task's head")
-def entropy(out: Outputs, stats: list[TaskStats | None]) -> Tensor:
+def entropy(out: Outputs) -> Tensor:
     logp = F.log_softmax(out.logits, 2)
     return (logp.exp() * logp).sum(2).T
 
 
 @register_rule("calibrated", "the head's logsumexp (energy), standardised by its mean and std on the task's own "
                              "validation split", standardised=True)
-def calibrated(out: Outputs, stats: list[TaskStats | None]) -> Tensor:
+def calibrated(out: Outputs) -> Tensor:
     return torch.logsumexp(out.logits, 2).T
 
 
 @register_rule("marginal", "the drop of the head's top logit when the task's own neurons or weights are removed, "
                            "standardised on the task's own validation split", standardised=True)
-def marginal(out: Outputs, stats: list[TaskStats | None]) -> Tensor:
+def marginal(out: Outputs) -> Tensor:
     top = out.logits.argmax(2, keepdim=True)
     return (out.logits.gather(2, top) - out.without.gather(2, top)).squeeze(2).T
 
@@ -120,7 +120,7 @@ def marginal(out: Outputs, stats: list[TaskStats | None]) -> Tensor:
 def scores(name: str, out: Outputs, stats: list[TaskStats | None]) -> Tensor:
     """[B, K] final scores of rule `name`; a standardised rule scores a task without statistics -inf."""
     rule = RULES[name]
-    raw = rule.raw(out, stats)
+    raw = rule.raw(out)
     if not rule.standardised:
         return raw
     final = torch.full_like(raw, -math.inf)
@@ -202,7 +202,7 @@ class Recorder:
         for x, _ in val.batches(self.batch_size, device=self.device):
             out = outputs(model, x, own, state, self.batch_size)
             for name in raws:
-                raws[name].append(RULES[name].raw(out, [stats])[:, 0].double().cpu())
+                raws[name].append(RULES[name].raw(out)[:, 0].double().cpu())
         for name, values in raws.items():
             v = torch.cat(values)
             stats.score_mean[name] = float(v.mean())

@@ -37,7 +37,7 @@ def own_stats(out: Outputs, task: int) -> TaskStats:
     stats = TaskStats()
     for name, rule in RULES.items():
         if rule.standardised:
-            raw = rule.raw(Outputs(out.logits[task:task + 1], out.without[task:task + 1]), [stats])[:, 0].double()
+            raw = rule.raw(Outputs(out.logits[task:task + 1], out.without[task:task + 1]))[:, 0].double()
             stats.score_mean[name], stats.score_std[name] = float(raw.mean()), float(raw.std(correction=0))
     return stats
 
