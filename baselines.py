@@ -404,12 +404,20 @@ class Method:
     """True: every head runs through its own task's network, so heads cannot share one feature pass (CIL)."""
     records_key: ClassVar[str] = "method_records"
     """The results-file key of its per-task records."""
+    task_inference: ClassVar[bool] = False
+    """Finished tasks run through frozen subnetworks (TIL is exact), so class-incremental evaluation can infer the
+    task from them (train.py --task-inference, task_inference.py)."""
 
     def __init__(self, args: argparse.Namespace | None = None, model: ContinualNet | None = None,
                  seed: int = 0) -> None:
         self.args, self.seed = args, seed
         self.task = 0
         self.records: list[dict] = []
+
+    @classmethod
+    def infers_tasks(cls, args: argparse.Namespace) -> bool:
+        """Whether a run with these options has frozen per-task subnetworks to infer the task from."""
+        return cls.task_inference
 
     @classmethod
     def default_importance(cls) -> str | None:
@@ -490,8 +498,12 @@ class SNV(Method):
                              help="snv, masked: task t's subnetwork is B_{t-1} u S_t (on) or S_t alone (off); B_t "
                                   "grows the same either way")),
     )
-    freezes_heads = freezes_neurons = resumable = resettable = True
+    freezes_heads = freezes_neurons = resumable = resettable = task_inference = True
     records_key = "shapley"
+
+    @classmethod
+    def infers_tasks(cls, args: argparse.Namespace) -> bool:
+        return args.inference == "masked"
 
     def after_task(self, model: ContinualNet, state: State, loop: Loop) -> None:
         args, t = self.args, loop.task
@@ -537,7 +549,7 @@ class WeightMasks(Method):
     task 1 only. Subclasses define the current task's weights (`current`) and its final mask.
     """
 
-    per_task = freezes_heads = True
+    per_task = freezes_heads = task_inference = True
 
     def __init__(self, args: argparse.Namespace, model: ContinualNet, seed: int) -> None:
         super().__init__(args, model, seed)
@@ -623,7 +635,7 @@ class PackNet(WeightMasks):
 class WSN(WeightMasks):
     """Winning SubNetworks (Kang et al. 2022): task t uses W * m_t, m_t = the top --sparsity (c) of each layer's
     learned scores |s| (straight-through gradient), the scores persisting across tasks; weights in an
-    earlier task's mask are reused frozen. Task-incremental only.
+    earlier task's mask are reused frozen. Task-incremental, or class-incremental with a --task-inference rule.
     """
 
     name, label, help = "wsn", "WSN", "Winning SubNetworks: learned weight masks (Kang et al. 2022), task-incremental"
@@ -680,7 +692,7 @@ class Eidetic(Method):
                                                                        "on the training data of every task seen so "
                                                                        "far"), ">= 1"),
     )
-    freezes_heads = freezes_neurons = True
+    freezes_heads = freezes_neurons = task_inference = True
 
     def __init__(self, args: argparse.Namespace, model: ContinualNet, seed: int) -> None:
         super().__init__(args, model, seed)
@@ -931,8 +943,10 @@ def resolve_args(args: argparse.Namespace) -> list[tuple[bool, str]]:
         (given is None or given in accepted,
          f"--method {args.method} takes no --importance" if not accepted else
          f"--method {args.method} takes --importance {' or '.join(accepted)}, not {given}"),
-        (args.scenario in method.scenarios,
-         f"--method {args.method} supports --scenario {' or '.join(method.scenarios)} only, not {args.scenario}"),
+        (args.scenario in method.scenarios or (args.scenario == "class_il" and args.task_inference != "heads"
+                                               and method.infers_tasks(args)),
+         f"--method {args.method} supports --scenario {' or '.join(method.scenarios)} only, not {args.scenario}"
+         + (" (class_il only with a --task-inference rule other than heads)" if method.task_inference else "")),
         (args.reset == "none" or method.resettable,
          f"--reset gxd applies to --method {', '.join(n for n, m in METHODS.items() if m.resettable)}, "
          f"not {args.method}"),
@@ -949,8 +963,9 @@ def resumable(method: str, reset: str) -> bool:
 
 
 def run_name(args: argparse.Namespace) -> str:
-    """The default results-folder name of a run: snv, snv-random, eidetic-magnitude, snv+gxd, packnet, ..."""
+    """The default results-folder name of a run: snv, snv-random, eidetic-magnitude, snv+gxd, packnet, snv@marginal, ..."""
     name = args.method
     if args.importance not in (None, METHODS[args.method].default_importance()):
         name += f"-{args.importance}"
-    return name + ("+gxd" if args.reset == "gxd" else "")
+    name += "+gxd" if args.reset == "gxd" else ""
+    return name + (f"@{args.task_inference}" if args.task_inference != "heads" else "")

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 class NeuronGate(nn.Module):
     """Identity unless gated: y = x where keep, else the constant mu (per neuron, broadcast over H x W).
 
-    keep is [n] (one coalition) or [K, n] (K coalitions; the batch is then K groups of equal size).
+    keep is [n] (one coalition) or [K, n] (K coalitions; the batch is then K groups of equal size); const is [n],
+    or [K, n] with K coalitions (each its own constants, e.g. each task subnetwork's own mu).
     """
 
     def __init__(self, n: int) -> None:
@@ -43,11 +44,11 @@ class NeuronGate(nn.Module):
         if self.keep is None:
             return x
         spatial = (1,) * (x.dim() - 2)
-        const = self.const.view(self.n, *spatial).to(x.dtype)
         if self.keep.dim() == 1:
-            return torch.where(self.keep.view(self.n, *spatial), x, const)
+            return torch.where(self.keep.view(self.n, *spatial), x, self.const.view(self.n, *spatial).to(x.dtype))
         k = self.keep.shape[0]
         xs = x.view(k, x.shape[0] // k, *x.shape[1:])
+        const = self.const.view(-1, 1, self.n, *spatial).to(x.dtype)
         return torch.where(self.keep.view(k, 1, self.n, *spatial), xs, const).view_as(x)
 
 
@@ -157,7 +158,8 @@ class ContinualNet(nn.Module):
                 self.layers[l].gate.keep = self.layers[l].gate.const = None
 
     def gated(self, keep: Tensor, const: Tensor) -> contextlib.AbstractContextManager[None]:
-        """Within the block, neurons outside `keep` ([N] or [K, N] bool) output `const` ([N])."""
+        """Within the block, neurons outside `keep` ([N] or [K, N] bool) output `const` ([N], or [K, N] with K
+        coalitions: coalition k's own constants); with K coalitions the input is K groups of equal size."""
         pairs = zip(self.split_neurons(keep), self.split_neurons(const))
         return self.gated_layers(dict(enumerate(pairs)))
 

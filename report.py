@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import metrics
+import task_inference
 import utils
 from baselines import METHODS, SCENARIOS, SCORES
 
@@ -614,6 +615,47 @@ def with_intransigence(exp: Experiment | None, joint: Experiment | None) -> Expe
     return Experiment(exp.folder, runs)
 
 
+TASK_INFERENCE_SUFFIX = "-taskinf"
+"""The comparison's class-incremental runs that record every --task-inference rule: <method>-taskinf."""
+TASK_ID = "task identified"
+"""The column of the final task-identification accuracy (mean of the last row of the task-identification matrix)."""
+
+
+def by_rule(exp: Experiment | None, rule: str) -> Experiment | None:
+    """`exp` with each seed's metrics replaced by the rule's (task_inference in the seed JSON) and its final
+    task-identification accuracy; None where a seed did not record the rule."""
+    if exp is None or any(rule not in r.get("task_inference", {}).get("rules", {}) for r in exp.runs):
+        return None
+    runs = [{**r, "metrics": {**r["task_inference"]["rules"][rule]["metrics"],
+                              TASK_ID: r["task_inference"]["rules"][rule]["task_id_final"]}} for r in exp.runs]
+    return Experiment(exp.folder, runs)
+
+
+def task_inference_table(res: Results) -> str:
+    """Class-incremental without replay: each mask-based method's accuracy and task identification per
+    --task-inference rule (all rules from the same runs), beside Eidetic with its replay-trained router and joint."""
+    rows: list[tuple[str, Experiment | None]] = []
+    for name, m in METHODS.items():
+        if not m.task_inference:
+            continue
+        exp = res.get(compare_folder("class_il", name + TASK_INFERENCE_SUFFIX), method=name, scenario="class_il")
+        if name == "eidetic":
+            rows.append((f"{m.label} (with its replay-trained router)", exp))
+        label = f"{m.label} (subnetworks only)" if name == "eidetic" else m.label
+        rows += [(f"{label}, {rule}", by_rule(exp, rule)) for rule in task_inference.RULES]
+    rows.append((METHODS["joint"].label, res.get(compare_folder("class_il", "joint"), method="joint")))
+    keys = ("ACC", TASK_ID, "BWT", "AF")
+    n, prov = provenance(e for _, e in rows)
+    body = [[label] + [Cell(e, k).ours(n) if e is not None and (k != TASK_ID or e.values(k)) else
+                       NOT_RUN if e is None else NONE for k in keys] for label, e in rows]
+    note = ("PMNIST, 10 tasks, CIL. One run per method and seed records every rule (`task_inference` in its seed "
+            "JSON); the rule picks the task, that task's head the class. *task identified*: fraction of the test "
+            "images whose task the rule picks, after the last task, mean over tasks. " +
+            protocol_line(e for _, e in rows))
+    return "\n\n".join(["### Class-incremental without replay: task inference from the frozen subnetworks", note,
+                         markdown(["run"] + [column(k) for k in keys], body), prov])
+
+
 def compare_section(root: Path) -> str:
     """The comparison of every method in one harness, TIL and CIL, and the importance table."""
     res = Results(find_experiments(root))
@@ -631,6 +673,7 @@ def compare_section(root: Path) -> str:
         parts.append(runs_table(f"PMNIST, 10 tasks, {SHORT[scenario]}: every method (ours only)", exps, note))
     parts.append(importance_table(res, root))
     parts.append(ablation_tables(res))
+    parts.append(task_inference_table(res))
     if res.warnings:
         parts.append("### Warnings\n\n" + "\n".join(f"- {w}" for w in sorted(set(res.warnings))))
     return "\n\n".join(parts)

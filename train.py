@@ -34,6 +34,7 @@ import baselines
 import datasets
 import metrics
 import snv_core
+import task_inference
 import utils
 from baselines import SCENARIOS, State
 from models import ARCHS, ContinualNet, build_model
@@ -377,8 +378,26 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
     gen = torch.Generator().manual_seed(seed)
     A = np.full((T, T), np.nan)
     silent, resets, epochs_run, t0, start = [], [], [], time.time(), 0
+    infer = (task_inference.Recorder(T, args.eval_batch_size, device)
+             if args.scenario == "class_il" and state.method.infers_tasks(args) else None)
+
+    def test_accuracy(j: int, upto: int, row: int) -> float:
+        """A[row, j]: task j's test accuracy over heads 0..upto, by --task-inference (every rule recorded)."""
+        acc = evaluate(model, bench.tasks[j].test, j, upto, args, state, device, c)[0]
+        if infer is None:
+            return acc
+        by_rule = infer.evaluate(model, state, bench.tasks[j].test, j, upto, row)
+        return acc if args.task_inference == "heads" else by_rule[args.task_inference]
+
     if saved is not None:
         restore_checkpoint(saved, model, state, gen, c, device)
+        if infer is not None and saved.get("task_inference") is not None:
+            infer.load_state_dict(saved["task_inference"])
+        elif infer is not None and args.task_inference == "heads":
+            infer = None  # a checkpoint written before task inference existed: continue without recording it
+        elif infer is not None:
+            raise UsageError(f"{checkpoint}: written before --task-inference existed, so it lacks the finished tasks' "
+                             f"statistics: start the seed over with --seeds {seed} --overwrite")
         A[:] = np.array(saved["accuracy_matrix"], dtype=float)
         state.method.records, silent, epochs_run = saved["records"], saved["silent_units"], saved["epochs_run"]
         start = saved["tasks_done"]
@@ -387,7 +406,7 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
     for t in range(start, T):
         model.add_head(c)
         if t > 0:
-            A[t - 1, t] = evaluate(model, bench.tasks[t].test, t, t, args, state, device, c)[0]
+            A[t - 1, t] = test_accuracy(t, t, t - 1)
             if args.reset == "gxd":
                 resets.append(baselines.gxd_reset(model, t - 1, *eval_set(bench.tasks[t - 1].val,
                                                                           args.shapley_eval_batches, device),
@@ -400,20 +419,26 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
         method.after_task(model, state, task_loop(model, bench, t, freezer, state, args, device, gen, dist, log))
         silent.append(snv_core.layer_counts(model, snv_core.silent_units(
             model, bench.tasks[t].val.batches(args.eval_batch_size, device=device))))
+        if infer is not None:
+            infer.task_end(model, state, t, bench.tasks[t].val)
         for j in range(t + 1):
-            A[t, j] = evaluate(model, bench.tasks[j].test, j, t, args, state, device, c)[0]
+            A[t, j] = test_accuracy(j, t, t)
         if on_task_end is not None:
             on_task_end(t, model, state)
         if dist.rank == 0 and checkpoint is not None:
             save_checkpoint(checkpoint, args, seed, model, state, gen, {
                 "tasks_done": t + 1, "accuracy_matrix": A.tolist(), "random_init_accuracy": b,
-                "epochs_run": epochs_run, "records": state.method.records, "silent_units": silent, "seconds": time.time() - t0})
+                "epochs_run": epochs_run, "records": state.method.records, "silent_units": silent, "seconds": time.time() - t0,
+                "task_inference": infer.state_dict() if infer is not None else None})
         if dist.rank == 0:
             print(f"[seed {seed}] task {t + 1}/{T}: " + " ".join(f"{a:.4f}" for a in A[t, :t + 1]), flush=True)
     joint_diag = load_joint_diag(args.joint_results, seed, T) if args.joint_results else None
     pruning = {"pruning": pruning_curve(model, bench, state, args, device)} if args.prune_analysis else {}
     frozen = int(state.frozen.sum()) if state.method.freezes_neurons else None
     records = {"shapley": [], "method_records": [], state.method.records_key: state.method.records}
+    if infer is not None:
+        records["task_inference"] = {"selected": args.task_inference,
+                                     **infer.results(np.array(b), joint_diag, frozen, n)}
     return {
         "args": vars(args), "seed": seed, "command": command_line(), "device": device_name(device),
         "machine": machine(), "git_commit": git_commit(), "seconds": round(time.time() - t0, 1),
@@ -635,6 +660,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mask-finetune-epochs", type=int, default=None,
         help="epochs of training task t through its own mask after selection (snv masked, packnet); "
              "default epochs/10")
+    add("--task-inference", choices=tuple(task_inference.RULES), default="heads",
+        help="class_il with a mask-based method: how the task of a test image is picked from every finished task's "
+             "subnetwork (every rule is recorded under task_inference in the results; this one gives the accuracy "
+             "matrix): " + "; ".join(f"{name}: {rule.help}" for name, rule in task_inference.RULES.items()))
     add("--reset", choices=("none", "gxd"), default="none",
         help="gxd: before each new task, He-reinitialise the plastic neurons of lowest GXD utility")
     add("--reset-rate", type=float, default=0.1, help="--reset gxd: fraction of the plastic neurons reset per task")
@@ -715,6 +744,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
          f"LOCAL_RANK {device.index} but only {torch.cuda.device_count()} GPUs are visible: lower --nproc_per_node"),
         (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other: continue the seeds or "
                                                "start them over"),
+        (args.task_inference == "heads" or (args.scenario == "class_il"
+                                            and baselines.METHODS[args.method].infers_tasks(args)),
+         f"--task-inference {args.task_inference} needs --scenario class_il and a method with frozen subnetworks ("
+         + ", ".join(n for n, m in baselines.METHODS.items() if m.task_inference) + "; snv with --inference masked)"),
     ] + baselines.resolve_args(args)
     for ok, message in checks:
         if not ok:
