@@ -50,7 +50,7 @@ SHAPLEY_BATCH = 64
 FORMAT_VERSION = 3
 """Version of the checkpoint layout; a checkpoint of another version is refused."""
 RUN_ONLY_ARGS = frozenset({"seeds", "device", "dist_backend", "data_dir", "out_dir", "joint_results", "overwrite",
-                           "resume", "no_figures", "progress", "prune_analysis"})
+                           "resume", "no_figures", "progress", "prune_analysis", "shapley_memory_gb"})
 """Arguments that do not change a seed's training (where and how it runs, what is written, post-hoc analyses)."""
 
 
