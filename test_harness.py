@@ -272,10 +272,12 @@ def test_the_training_step_has_no_hidden_device_sync_on_cuda(tmp_path, monkeypat
     monkeypatch.setattr(train, "evaluate", allowed(train.evaluate))
     for name in SYNC_METHODS:
         monkeypatch.setattr(torch.Tensor, name, allowed(getattr(torch.Tensor, name)))
+    frozen = torch.arange(model.num_neurons) % 3 == 0  # the freezer's masking and restoring run every step
+    freezer = train.snv_core.Freezer(model, frozen.to(device), 0)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        train.train_phase(model, bench, 0, [0], 1, train.snv_core.Freezer(model, state.frozen.to(device), 0), state,
-                          args, device, torch.Generator().manual_seed(0), "task 1")
+        train.train_phase(model, bench, 0, [0], 1, freezer, state, args, device, torch.Generator().manual_seed(0),
+                          "task 1")
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
