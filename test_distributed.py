@@ -1,4 +1,5 @@
-"""Tests of the torch.distributed path on CPU (gloo): sharded Shapley orderings and a 2-process torchrun run."""
+"""Tests of the torch.distributed path on CPU (gloo): sharded Shapley orderings, BatchNorm across ranks and a 2-process
+torchrun run."""
 from __future__ import annotations
 
 import json
