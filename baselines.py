@@ -346,12 +346,13 @@ def distillation(student: Tensor, teacher: Tensor, temperature: float) -> Tensor
 
 def split_accuracy(logits: Callable[[Tensor], Tensor], split: datasets.Split, batch_size: int,
                    device: torch.device) -> float:
-    """Accuracy of `logits` (x -> [B, C], local labels) on a split, without gradient."""
-    correct = 0
+    """Accuracy of `logits` (x -> [B, C], local labels) on a split, without gradient; counted on the device and
+    read once."""
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     with torch.no_grad():
         for x, y in split.batches(batch_size, device=device):
-            correct += int((logits(x).argmax(1) == y).sum())
-    return correct / len(split)
+            correct += (logits(x).argmax(1) == y).sum()
+    return int(correct) / len(split)
 
 
 # ----------------------------------------------------------------------------- the method interface
@@ -528,7 +529,7 @@ class SNV(Method):
         k = snv_core.capacity_k(args.sparsity, n)
         mu = snv_core.mean_activations(model, loop.tasks[t].val.batches(args.eval_batch_size, device=loop.device))
         x, y = loop.eval_set()
-        v = snv_core.MaskedAccuracy(model, t, x, y, mu, impl=args.shapley_impl)
+        v = snv_core.MaskedAccuracy(model, t, x, y, mu, impl=args.shapley_impl, memory_gb=args.shapley_memory_gb)
         res = score(args.importance, ScoreInput(model, t, x, y, mu, k, v, seed=self.seed * 1000 + t, args=args,
                                                 rank=loop.rank, world=loop.world, all_reduce=loop.all_reduce))
         selected = (snv_core.top_k(res.phi, k) if args.selection == "global"
@@ -753,7 +754,7 @@ class Eidetic(Method):
         for epoch in range(self.args.eidetic_router_epochs):
             iters = [(j, task.train.batches(self.args.batch_size, shuffle=True, generator=gen, device=loop.device))
                      for j, task in enumerate(loop.tasks)]
-            correct = seen = 0
+            correct, seen = torch.zeros((), dtype=torch.int64, device=loop.device), 0
             while True:
                 batches = [(j, batch) for j, batch in ((j, next(it, None)) for j, it in iters) if batch is not None]
                 if not batches:
@@ -766,10 +767,10 @@ class Eidetic(Method):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                correct += int((out.argmax(1) == labels).sum())
+                correct += (out.argmax(1) == labels).sum()
                 seen += len(labels)
         model.train(was_training)
-        return router, correct / max(seen, 1)
+        return router, int(correct) / max(seen, 1)
 
     def route(self, model: ContinualNet, x: Tensor, logits: Tensor, upto: int) -> Tensor:
         """Hard routing once the router knows heads 0..upto: every block but the routed task's becomes -inf."""

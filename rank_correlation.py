@@ -72,7 +72,7 @@ def rank_correlation(args: argparse.Namespace, seed: int, device: torch.device) 
     x, y = train.eval_set(val, args.shapley_eval_batches, device)
     n = model.num_neurons
     k = snv_core.capacity_k(args.sparsity, n)
-    v = snv_core.MaskedAccuracy(model, 0, x, y, mu, impl=args.shapley_impl)
+    v = snv_core.MaskedAccuracy(model, 0, x, y, mu, impl=args.shapley_impl, memory_gb=args.shapley_memory_gb)
     shapley = snv_core.permutation_shapley(v, n, k, tau=args.truncation, use_bandit=False,
                                            max_orderings=args.max_permutations, seed=seed * 1000, progress=args.progress)
     start = time.perf_counter()

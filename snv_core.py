@@ -24,6 +24,9 @@ from models import MLP, ContinualNet, NeuronBatchNorm2d, NeuronGate
 SHAPLEY_IMPLS = ("fast", "naive", "incremental")
 """MaskedAccuracy's evaluators of V(S) (the first is the default)."""
 
+FAST_CHUNK = 32
+"""The fast V(S) evaluator's largest chunk of coalitions (run together, stage by stage)."""
+
 ValueFn = Callable[[Tensor], Tensor]
 """V: coalitions as keep-masks [K, N] bool -> values [K] float64."""
 
@@ -72,6 +75,31 @@ def silent_units(model: ContinualNet, batches: Iterable[tuple[Tensor, Tensor]]) 
     return _captured(model, batches, "silent_units", lambda g: g.maxes <= 0)
 
 
+@torch.no_grad()
+def coalition_bytes(model: ContinualNet, x: Tensor) -> int:
+    """Bytes of one coalition's activations on the evaluation set x [E, ...] at the model's widest stage: E times
+    the largest per-image output of a stage half (stage_in or stage_out), measured on one probe image in eval
+    mode, at x's element size."""
+    was_training = model.training
+    model.eval()
+    widest, h = 0, x[:1]
+    for s in range(len(model.stage_layers)):
+        z = model.stage_in(s, h)
+        h = model.stage_out(s, z)
+        widest = max(widest, z.numel(), h.numel())
+    model.train(was_training)
+    return x.shape[0] * widest * x.element_size()
+
+
+def fast_chunk(model: ContinualNet, x: Tensor, memory_gb: float, cap: int) -> int:
+    """How many coalitions the fast V(S) evaluator runs at once: as many as `memory_gb` GiB hold activations of
+    (coalition_bytes each), at least 1 and at most `cap`. The budget bounds one copy of the widest stage's
+    activations; the stage's temporaries take a few times that at the peak."""
+    if math.isinf(memory_gb):
+        return cap
+    return max(1, min(cap, int(memory_gb * 2 ** 30 // coalition_bytes(model, x))))
+
+
 class MaskedAccuracy:
     """V(S) = accuracy of head `task` on a fixed evaluation set x [E, ...], y [E], neurons outside S = mu.
 
@@ -101,17 +129,19 @@ class MaskedAccuracy:
     coalitions (P only grows with S). A neuron toggled in layer m >= 2 leaves naive's image unchanged
     for sure only where mu_i <= 0 and z_m[i] + Delta_m <= 0 (both outputs relu = 0).
     `groups_in[s]`, `groups_out[s]` count the images each half of stage s ran for, in units of E (fast).
+    The fast evaluator's chunk is `chunk` coalitions, fewer where `memory_gb` would not hold that many
+    coalitions' activations of the widest stage (see `fast_chunk`).
     """
 
     def __init__(self, model: ContinualNet, task: int, x: Tensor, y: Tensor, mu: Tensor,
-                 impl: str = "fast", chunk: int = 32) -> None:
+                 impl: str = "fast", chunk: int = FAST_CHUNK, memory_gb: float = math.inf) -> None:
         if impl not in SHAPLEY_IMPLS:
             raise ValueError(f"unknown Shapley implementation {impl!r}: use one of {', '.join(SHAPLEY_IMPLS)}")
         if impl == "incremental" and not isinstance(model, MLP):
             raise ValueError(f"the incremental Shapley evaluator supports the MLP only, not {type(model).__name__}: "
                              "use --shapley-impl fast")
         self.model, self.task, self.x, self.y, self.mu = model, task, x, y, mu
-        self.impl, self.chunk = impl, chunk
+        self.impl, self.chunk = impl, fast_chunk(model, x, memory_gb, chunk)
         self.evaluations = 0
         self.recomputed = 0
         self.mu_layers = model.split_neurons(mu)

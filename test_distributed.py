@@ -1,4 +1,5 @@
-"""Tests of the torch.distributed path on CPU (gloo): sharded Shapley orderings and a 2-process torchrun run."""
+"""Tests of the torch.distributed path on CPU (gloo): sharded Shapley orderings, BatchNorm across ranks and a 2-process
+torchrun run."""
 from __future__ import annotations
 
 import json
@@ -85,3 +86,43 @@ def test_torchrun_two_processes_write_results_once(tmp_path, arch):
     A = data["accuracy_matrix"]
     assert all(0 <= a <= 1 for row in A for a in row if a is not None)
     assert all(A[2][j] == A[j][j] for j in range(3))  # frozen subnetworks (and their BatchNorm) kept under DDP
+
+
+def bn_worker(rank: int, world: int, store: str, out: str) -> None:
+    """One gloo rank of a 3-task ResNet run: after every task, each BatchNorm's parameters and running statistics
+    and the frozen mask B_t, saved to <out>/bn_rank<rank>.pt."""
+    os.environ["WORLD_SIZE"] = str(world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        args = train.resolve_args(train.build_parser().parse_args([
+            "--dataset", "synthetic", "--device", "cpu", "--arch", "resnet18", "--width", "4", "--epochs", "1",
+            "--max-permutations", "3", "--shapley-eval-batches", "1", "--out-dir", os.path.join(out, str(rank)),
+            "--seeds", "0", "--no-figures"]))
+        tasks = []
+
+        def snapshot(t: int, model, state) -> None:
+            tasks.append({"frozen": [m.clone() for m in model.split_neurons(state.frozen)],
+                          "bn": [torch.stack([l.bn.weight.detach(), l.bn.bias.detach(), l.bn.running_mean,
+                                              l.bn.running_var]).clone() for l in model.layers]})
+
+        train.run_seed(args, 0, torch.device("cpu"), on_task_end=snapshot, dist=train.Dist(rank, world))
+        torch.save(tasks, os.path.join(out, f"bn_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_frozen_batchnorm_channels_stay_identical_across_ranks_and_tasks(tmp_path):
+    # The BatchNorm policy under DDP (docs/running.md): per-rank batch statistics, rank 0's running statistics
+    # broadcast after every epoch, frozen channels normalised with (and restored to) their frozen statistics.
+    mp.spawn(bn_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"bn_rank{r}.pt") for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    for t in range(3):
+        for a, b in zip(ranks[0][t]["bn"], ranks[1][t]["bn"], strict=True):
+            assert torch.equal(a, b)  # every channel, frozen or not, agrees bit for bit at the end of each task
+    for t, later in [(0, 1), (0, 2), (1, 2)]:  # channels frozen after task t keep their values (both ranks agree)
+        for frozen, then, now in zip(ranks[0][t]["frozen"], ranks[0][t]["bn"], ranks[0][later]["bn"], strict=True):
+            assert torch.equal(then[:, frozen], now[:, frozen])
+    frozen, before, after = ranks[0][0]["frozen"], ranks[0][0]["bn"], ranks[0][1]["bn"]
+    assert sum(int(m.sum()) for m in frozen) > 0  # not vacuous: channels were frozen after task 1 ...
+    assert any(not torch.equal(b[2:, ~m], a[2:, ~m]) for m, b, a in zip(frozen, before, after))  # ... others moved

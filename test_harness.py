@@ -180,29 +180,106 @@ SYNC_METHODS = ("__bool__", "__float__", "__int__", "item", "tolist", "cpu", "nu
 """Tensor methods that make the host wait for the device."""
 
 
+def count_syncs(monkeypatch, run) -> int:
+    """How many times `run()` calls a Tensor method of SYNC_METHODS."""
+    calls = []
+    with monkeypatch.context() as m:
+        for name in SYNC_METHODS:
+            original = getattr(torch.Tensor, name)
+            m.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: (calls.append(_n),
+                                                                                     _f(self, *a, **k))[1])
+        run()
+    return len(calls)
+
+
+def tiny_phase(tmp_path: Path, *extra: str):
+    """(args, synthetic benchmark, 8-unit MLP with head 0, empty State) for calling train_phase / evaluate."""
+    args = train.resolve_args(train.build_parser().parse_args(cli(tmp_path, *extra)))
+    bench = train.datasets.get_benchmark("synthetic", 3, 0, None)
+    torch.manual_seed(0)
+    model = train.build_model("mlp", bench.input_shape, 8)
+    model.add_head(2)
+    return args, bench, model, train.State(torch.zeros(model.num_neurons, dtype=torch.bool))
+
+
 def test_the_training_step_never_waits_for_the_device(tmp_path, monkeypatch):
     # The host-device synchronisations of one epoch must not grow with its number of steps.
     counts = []
     for batch_size in (48, 4):
-        args = train.resolve_args(train.build_parser().parse_args(cli(tmp_path / str(batch_size), "--batch-size",
-                                                                      str(batch_size))))
-        bench = train.datasets.get_benchmark("synthetic", 3, 0, None)
-        torch.manual_seed(0)
-        model = train.build_model("mlp", bench.input_shape, 8)
-        model.add_head(2)
-        state = train.State(torch.zeros(model.num_neurons, dtype=torch.bool))
-        calls = []
-        with monkeypatch.context() as m:
-            for name in SYNC_METHODS:
-                original = getattr(torch.Tensor, name)
-                m.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: (calls.append(_n),
-                                                                                         _f(self, *a, **k))[1])
-            train.train_phase(model, bench, 0, [0], 1, train.snv_core.Freezer(model, state.frozen, 0), state, args,
-                              torch.device("cpu"), torch.Generator().manual_seed(0), "task 1")
-        counts.append(len(calls))
+        args, bench, model, state = tiny_phase(tmp_path / str(batch_size), "--batch-size", str(batch_size))
+        counts.append(count_syncs(monkeypatch, lambda: train.train_phase(
+            model, bench, 0, [0], 1, train.snv_core.Freezer(model, state.frozen, 0), state, args, torch.device("cpu"),
+            torch.Generator().manual_seed(0), "task 1")))
     steps = [len(bench.tasks[0].train) // b for b in (48, 4)]
     assert steps[1] >= 5 * steps[0]  # not vacuous: ten times the steps
     assert counts[0] == counts[1], counts
+
+
+@pytest.mark.parametrize("scenario", ["task_il", "class_il"])
+def test_evaluation_never_waits_for_the_device_per_batch(tmp_path, monkeypatch, scenario):
+    # evaluate's host-device synchronisations must not grow with the number of batches, and its numbers must not
+    # depend on the batch size beyond the loss's float rounding.
+    counts, results = [], []
+    for batch_size in (200, 4):
+        args, bench, model, state = tiny_phase(tmp_path / str(batch_size), "--eval-batch-size", str(batch_size),
+                                               "--scenario", scenario)
+        model.add_head(2)
+        split = bench.tasks[1].train
+        counts.append(count_syncs(monkeypatch, lambda: results.append(train.evaluate(
+            model, split, 1, 1, args, state, torch.device("cpu"), bench.classes_per_task))))
+    assert len(split) >= 10 * 4  # not vacuous: ten batches or more against one
+    assert counts[0] == counts[1], counts
+    assert results[0][0] == results[1][0] and results[0][1] == pytest.approx(results[1][1], rel=1e-6)
+
+
+def test_evaluation_sums_as_python_did(tmp_path):
+    # The device-side sums equal the former host-side ones: int(correct) per batch, float(loss) per batch in order.
+    args, bench, model, state = tiny_phase(tmp_path, "--eval-batch-size", "7")
+    split = bench.tasks[0].test
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for x, y in split.batches(7):
+            out = model.heads[0](model.features(x))
+            correct += int((out.argmax(1) == y).sum())
+            loss += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
+    model.eval()
+    assert train.evaluate(model, split, 0, 0, args, state, torch.device("cpu"), 2) == (correct / len(split),
+                                                                                        loss / len(split))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_training_step_has_no_hidden_device_sync_on_cuda(tmp_path, monkeypatch):
+    # torch.cuda.set_sync_debug_mode("error") raises on any synchronising CUDA call (implicit ones too: boolean
+    # indexing, nonzero, blocking copies) made during the training steps. Allowed: loading the batches (host to
+    # device copies) and the once-per-epoch reads and evaluation that the test above counts.
+    args, bench, model, state = tiny_phase(tmp_path, "--batch-size", "4", "--device", "cuda")
+    device = torch.device("cuda")
+    model.to(device)
+
+    def allowed(f):
+        def run(*a, **k):
+            mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return f(*a, **k)
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
+        return run
+
+    batches = train.datasets.Split.batches
+    monkeypatch.setattr(train.datasets.Split, "batches", lambda self, *a, **k: iter(allowed(
+        lambda: list(batches(self, *a, **k)))()))
+    monkeypatch.setattr(train, "evaluate", allowed(train.evaluate))
+    for name in SYNC_METHODS:
+        monkeypatch.setattr(torch.Tensor, name, allowed(getattr(torch.Tensor, name)))
+    frozen = torch.arange(model.num_neurons) % 3 == 0  # the freezer's masking and restoring run every step
+    freezer = train.snv_core.Freezer(model, frozen.to(device), 0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train.train_phase(model, bench, 0, [0], 1, freezer, state, args, device, torch.Generator().manual_seed(0),
+                          "task 1")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 IMPORT_TO_DISTRIBUTION = {"PIL": "pillow"}

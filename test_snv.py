@@ -252,13 +252,18 @@ def test_silent_units_are_the_relus_that_never_fire():
     with pytest.raises(ValueError, match="silent_units got no data"):
         snv_core.silent_units(model, [])
 
-@pytest.mark.parametrize("arch", ["mlp", "resnet18"])
-def test_masked_accuracy_fast_equals_naive(arch):
+def untrained_net(arch: str) -> tuple[torch.nn.Module, Tensor, Tensor, Tensor]:
+    """A freshly initialised width-6 net with one 4-class head, 40 random 1 x 8 x 8 images, labels and mu."""
     torch.manual_seed(0)
     model = build_model(arch, (1, 8, 8), width=6)
     model.add_head(4)
     x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 4, (40,))
-    mu = snv_core.mean_activations(model, [(x, y)])
+    return model, x, y, snv_core.mean_activations(model, [(x, y)])
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet18"])
+def test_masked_accuracy_fast_equals_naive(arch):
+    model, x, y, mu = untrained_net(arch)
     n = model.num_neurons
     pi = torch.randperm(n, generator=torch.Generator().manual_seed(4))
     walk = (torch.arange(n).unsqueeze(0) < torch.arange(0, n + 1, 2).unsqueeze(1))[:, pi.argsort()]
@@ -332,6 +337,23 @@ def test_masked_accuracy_fast_equals_naive_bit_for_bit(arch):
         added = layer[(prefixes[1:] & ~prefixes[:-1]).nonzero()[:, 1]]
         whole = [1 + int((added < s).sum()) for s in range(1, 4)]  # coalitions differing before stage s
         assert sum(v.groups_in[1:]) < sum(whole)  # fewer images recomputed than whole coalitions
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet18"])
+def test_shapley_memory_budget_sizes_the_chunk_and_leaves_v_unchanged(arch):
+    model, x, y, mu = untrained_net(arch)
+    # widest stage half per image: the MLP's 6 units; the ResNet's layer1 forward_in, [conv1, skip] = 2 x 6 x 8 x 8
+    per_coalition = snv_core.coalition_bytes(model, x)
+    assert per_coalition == 40 * 4 * (6 if arch == "mlp" else 2 * 6 * 8 * 8)
+    n = model.num_neurons
+    keeps = torch.cat([(torch.arange(n).unsqueeze(0) < torch.arange(n + 1).unsqueeze(1))[:, torch.randperm(n).argsort()],
+                       torch.rand(5, n) > 0.5])
+    naive = snv_core.MaskedAccuracy(model, 0, x, y, mu, "naive")(keeps)
+    for gib, chunk in [(per_coalition / 2 ** 31, 1), (3.5 * per_coalition / 2 ** 30, 3), (1e6, snv_core.FAST_CHUNK)]:
+        model.train()
+        v = snv_core.MaskedAccuracy(model, 0, x, y, mu, "fast", memory_gb=gib)
+        assert v.chunk == chunk and model.training  # the probe leaves the model's mode as it was
+        assert torch.equal(v(keeps), naive)
 
 
 def test_masked_accuracy_fast_equals_only_bitwise_equal_rows():
@@ -578,6 +600,7 @@ def test_baseline_bounds_run(tmp_path, method):
     (["--confidence", "1"], "--confidence"),
     (["--epochs", "0"], "--epochs"),
     (["--batch-size", "-1"], "--batch-size"),
+    (["--shapley-memory-gb", "0"], "--shapley-memory-gb"),
 ])
 def test_bad_input_gives_clear_error(tmp_path, capsys, flags, message):
     assert train.main(synthetic_args(tmp_path, *flags)) == 2

@@ -51,7 +51,8 @@ SHAPLEY_BATCH = 64
 FORMAT_VERSION = 3
 """Version of the checkpoint layout; a checkpoint of another version is refused."""
 RUN_ONLY_ARGS = frozenset({"seeds", "device", "dist_backend", "data_dir", "out_dir", "joint_results", "overwrite",
-                           "resume", "no_figures", "progress", "prune_analysis", "workers"})
+                           "resume", "no_figures", "progress", "prune_analysis", "workers",
+                           "shapley_memory_gb"})
 """Arguments that do not change a seed's training (where and how it runs, what is written, post-hoc analyses)."""
 
 
@@ -163,6 +164,12 @@ def cache_finished_logits(model: ContinualNet, split: datasets.Split, trainable:
                       for x, _ in split.batches(args.eval_batch_size, device=device)])
 
 
+def memory_format(args: argparse.Namespace) -> torch.memory_format:
+    """--channels-last: channels_last for the conv nets' weights and input batches; the MLP (which flattens its
+    input) and the default keep the contiguous format."""
+    return torch.channels_last if args.channels_last and args.arch != "mlp" else torch.contiguous_format
+
+
 def targets(y: Tensor, task: int, scenario: str, classes_per_task: int) -> Tensor:
     """Task-local labels for TIL, global labels (task offset + local) for CIL."""
     return y if scenario == "task_il" else y + task * classes_per_task
@@ -171,16 +178,21 @@ def targets(y: Tensor, task: int, scenario: str, classes_per_task: int) -> Tenso
 @torch.no_grad()
 def evaluate(model: ContinualNet, split: datasets.Split, task: int, upto: int, args: argparse.Namespace,
              state: State, device: torch.device, classes_per_task: int) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of `task` on a split, heads 0..upto in CIL."""
+    """(accuracy, mean cross-entropy) of `task` on a split, heads 0..upto in CIL.
+
+    The correct count and the per-batch loss sums (float64, batch by batch) add up on the device; the host reads
+    them once per split.
+    """
     model.eval()
-    correct, loss, n = 0, 0.0, 0
+    sums, n = torch.zeros(2, dtype=torch.float64, device=device), 0
     for x, y in split.batches(args.eval_batch_size, device=device):
+        x = x.contiguous(memory_format=memory_format(args))
         out = state.method.route(model, x, scenario_logits(model, x, task, upto, args.scenario, state,
                                                            trainable=upto + 1), upto)
         t = targets(y, task, args.scenario, classes_per_task)
-        correct += int((out.argmax(1) == t).sum())
-        loss += float(F.cross_entropy(out, t, reduction="sum"))
+        sums += torch.stack([(out.argmax(1) == t).sum().double(), F.cross_entropy(out, t, reduction="sum").double()])
         n += y.numel()
+    correct, loss = sums.tolist()
     return correct / n, loss / n
 
 
@@ -217,6 +229,8 @@ def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_
     Several data tasks (joint) take turns, one batch of each task in order, until every task's epoch is done.
     The step never waits for the device: the training loss is summed on the device and read once per epoch,
     where a non-finite sum stops the run; `log` then gets the epoch's record (losses, accuracy, seconds).
+    --amp bf16 runs the step's forward (and so its backward) under bf16 autocast; --channels-last feeds conv nets
+    channels_last batches.
 
     Distributed: every rank draws the same batches and loads and trains on its share only (every world-th
     sample) through a DDP wrapper made for this phase (heads are added per task); batches smaller than the
@@ -245,9 +259,11 @@ def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_
                         active.remove((j, it))
                         continue
                     x, y, pos = batch
+                    x = x.contiguous(memory_format=memory_format(args))
                     finished = cache[j][pos] if cache[j] is not None else None
-                    loss = (F.cross_entropy(net(x, j, finished), targets(y, j, args.scenario, c))
-                            + state.method.penalty(model, x, j))
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+                        loss = (F.cross_entropy(net(x, j, finished), targets(y, j, args.scenario, c))
+                                + state.method.penalty(model, x, j))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     freezer.step(optimizer)
@@ -312,7 +328,7 @@ def random_init_accuracy(bench: datasets.Benchmark, args: argparse.Namespace, se
                          device: torch.device) -> list[float]:
     """b_t: accuracy on task t of a freshly initialised model (heads 0..t in CIL)."""
     torch.manual_seed(seed + 1)
-    fresh = build_model(args.arch, bench.input_shape, args.width).to(device)
+    fresh = build_model(args.arch, bench.input_shape, args.width).to(device, memory_format=memory_format(args))
     for _ in bench.tasks:
         fresh.add_head(bench.classes_per_task)
     empty = State(torch.zeros(fresh.num_neurons, dtype=torch.bool))
@@ -372,7 +388,7 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
     saved = load_checkpoint(checkpoint, args, seed) if args.resume and checkpoint and checkpoint.exists() else None
     b = saved["random_init_accuracy"] if saved is not None else random_init_accuracy(bench, args, seed, device)
     torch.manual_seed(seed)
-    model = build_model(args.arch, bench.input_shape, args.width).to(device)
+    model = build_model(args.arch, bench.input_shape, args.width).to(device, memory_format=memory_format(args))
     n = model.num_neurons
     state = State(torch.zeros(n, dtype=torch.bool), method=baselines.build_method(args, model, seed))
     gen = torch.Generator().manual_seed(seed)
@@ -657,6 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--shapley-impl", choices=snv_core.SHAPLEY_IMPLS, default="fast",
         help="V(S) evaluator: fast (staged, bitwise = naive), naive (one forward each), incremental (MLP: rank-1 "
              "updates, argmax certified against naive)")
+    add("--shapley-memory-gb", type=float, default=4.0,
+        help="fast V(S) evaluator: GiB for the activations of a chunk of coalitions at the widest stage; sets the "
+             f"chunk (1 to {snv_core.FAST_CHUNK} coalitions)")
     add("--mask-finetune-epochs", type=int, default=None,
         help="epochs of training task t through its own mask after selection (snv masked, packnet); "
              "default epochs/10")
@@ -676,6 +695,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--momentum", type=float, default=0.9, help="for --optimizer sgd")
     add("--weight-decay", type=float, default=0.0)
     add("--patience", type=int, default=20, help="early stopping on validation loss")
+    add("--amp", choices=("none", "bf16"), default="none",
+        help="speed: bf16 autocast for the training forward/backward (evaluation and V(S) stay fp32)")
+    add("--channels-last", action="store_true",
+        help="speed: conv nets (ResNet) keep weights and input batches in channels_last memory format")
     add("--pmnist-first", choices=("identity", "permuted"), default="identity",
         help="PMNIST task 1: the identity permutation (authors' code) or permuted")
     add("--seeds", type=int, nargs="+", default=[42])
@@ -704,7 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
 RANGES = (("--num-tasks", ">= 1"), ("--sparsity", "(0, 1]"), ("--shapley-eval-batches", ">= 1"), ("--epochs", ">= 1"),
           ("--mask-finetune-epochs", ">= 0"), ("--batch-size", ">= 1"), ("--eval-batch-size", ">= 1"),
           ("--lr", "> 0"), ("--patience", ">= 1"), ("--weight-decay", ">= 0"), ("--width", ">= 1"),
-          ("--reset-rate", "(0, 1]"), ("--workers", ">= 0"))
+          ("--reset-rate", "(0, 1]"), ("--workers", ">= 0"),
+          ("--shapley-memory-gb", "> 0"))
 """The common numeric flags and their allowed values: '>= x', '> x', or an interval such as '(0, 1]' (the methods'
 and scores' own are in baselines.flag_ranges())."""
 
