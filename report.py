@@ -578,7 +578,9 @@ def paired_difference(exp: Experiment | None, default: Experiment | None, key: s
              if r["metrics"].get(key) is not None and base.get(r["seed"]) is not None]
     if not diffs:
         return NONE
-    return mean_std(diffs, lambda v: number(key, v, signed=True)) + f" (n={len(diffs)})"
+    mean, std = stats(diffs)
+    spread = f" ± {number(key, std)}" if len(diffs) > 1 else ""
+    return f"{number(key, mean, signed=True)}{spread} (n={len(diffs)})"
 
 
 def ablation_tables(res: Results) -> str:

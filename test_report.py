@@ -488,6 +488,9 @@ def test_ablation_tables_pair_each_variant_with_the_default_of_the_same_seed(tmp
     default = next(line for line in table.splitlines() if line.startswith("| TIL default |"))
     assert "| — | 50/100 | 2 |" in default
     assert "| TIL c = 0.05 | not run |" in table
+    two = [fake_run(s, a, dataset="pmnist", sparsity=0.2) for s, a in ((42, 0.95), (43, 0.70))]
+    diff = report.paired_difference(report.Experiment("x", two), report.load_experiment(base / "pmnist_task_il_snv", "d"))
+    assert diff == "-2.50 ± 7.50 (n=2)"  # +5 and -10 points: the spread is unsigned
 
 
 FAKE_TRAIN = '''
