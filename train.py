@@ -407,13 +407,8 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
 
     if saved is not None:
         restore_checkpoint(saved, model, state, gen, c, device)
-        if infer is not None and saved.get("task_inference") is not None:
+        if infer is not None:
             infer.load_state_dict(saved["task_inference"])
-        elif infer is not None and args.task_inference == "heads":
-            infer = None  # a checkpoint written before task inference existed: continue without recording it
-        elif infer is not None:
-            raise UsageError(f"{checkpoint}: written before --task-inference existed, so it lacks the finished tasks' "
-                             f"statistics: start the seed over with --seeds {seed} --overwrite")
         A[:] = np.array(saved["accuracy_matrix"], dtype=float)
         state.method.records, silent, epochs_run = saved["records"], saved["silent_units"], saved["epochs_run"]
         start = saved["tasks_done"]
@@ -500,7 +495,8 @@ def load_joint_diag(path: str, seed: int, T: int) -> np.ndarray:
 
 CHECKPOINT_KEYS = frozenset({"format_version", "dataset", "seed", "config", "tasks_done", "accuracy_matrix",
                              "random_init_accuracy", "epochs_run", "records", "silent_units", "seconds", "model",
-                             "frozen", "subnets", "generator", "torch_rng", "cuda_rng", "numpy_rng"})
+                             "frozen", "subnets", "generator", "torch_rng", "cuda_rng", "numpy_rng",
+                             "task_inference"})
 
 
 def checkpoint_path(out: Path, seed: int) -> Path:
