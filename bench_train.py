@@ -7,15 +7,17 @@ Measured (on --device, random inputs and random-pixel stand-ins written to a tem
   - the data pipeline alone, images/s: in-memory (CIFAR-100 pickles, TinyImageNet- and PMNIST-shaped tensors;
     gathered, augmented and normalised on the device) and ImageNet class folders of JPEGs through the DataLoader;
   - Shapley coalitions/s of the fast V(S) evaluator (snv_core.MaskedAccuracy) for the MLP and ResNet-18 32x32;
-  - before vs after the device-resident / DataLoader pipeline, side by side in one process (interleaved rounds):
-    datasets.py of BEFORE_COMMIT (read from git) against the current one; the ratio is before / after time.
+  - before vs after, side by side in one process (interleaved rounds; fastest and median of each): the data
+    pipelines of BEFORE_COMMIT's datasets.py (read from git) against the current one, and the masked training
+    step of the paper's MLP at batch 10 (train.train_step; data + step, mid-run: 320 frozen neurons, 4 finished
+    heads) with BEFORE_COMMIT's datasets.py and Freezer against the current ones; ratios are before / after.
 Projected (arithmetic on the measured rates, labelled as such in the JSON): wall time per task and per run
 (one seed, T tasks) of each paper protocol (PAPER section 2: max epochs, batch, 70/10/20 split of each task's
 pooled images) at the maximum number of epochs (early stopping usually ends sooner) plus the Shapley step at
 its cap of orderings without truncation or bandit stop (upper bounds).
 
 Writes results/bench/bench_train_[quick_]<device>.json; the last line is
-`RESULT mlp_steps_per_s=<f> resnet32_steps_per_s=<f> imagenet_loader_images_per_s=<f>`.
+`RESULT mlp_steps_per_s=<f> resnet32_steps_per_s=<f> imagenet_loader_images_per_s=<f> train_step_speedup=<f>`.
 On a GPU machine: `python bench_train.py --device cuda`.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import baselines
 import datasets
 import snv_core
 import train
@@ -42,7 +46,10 @@ from models import ContinualNet, build_model
 
 HERE = Path(__file__).resolve().parent
 BEFORE_COMMIT = "895fcb1c118c669c2d6cf0c483c6315583fbed20"
-"""The last commit with the per-batch host pipeline (CPU gather + copy, ImageNet thread pool per batch)."""
+"""The last commit with the per-batch host pipeline (CPU gather + copy, ImageNet thread pool per batch) and the
+Freezer that restored every frozen entry after every step."""
+TRAIN_STEP = "pmnist mlp masked training step (data + step)"
+"""The before/after case whose ratio is train_step_speedup."""
 
 MODELS = {  # name: (arch, input shape, batch, classes of a task's head, measured with --quick)
     "mlp": ("mlp", (1, 28, 28), 10, 10, True),
@@ -159,38 +166,49 @@ def shapley_rate(name: str, device: torch.device, images: int, coalitions: int) 
             "coalitions_per_s": coalitions / seconds}
 
 
-def load_before() -> object | None:
-    """datasets.py as of BEFORE_COMMIT, imported from git as module `datasets_before`; None if git cannot show it."""
-    proc = subprocess.run(["git", "show", f"{BEFORE_COMMIT}:datasets.py"], cwd=HERE, capture_output=True, text=True)
+def load_before(name: str) -> object | None:
+    """Module `name` (datasets, snv_core) as of BEFORE_COMMIT, imported from git as `<name>_before`; None if git
+    cannot show it."""
+    proc = subprocess.run(["git", "show", f"{BEFORE_COMMIT}:{name}.py"], cwd=HERE, capture_output=True, text=True)
     if proc.returncode:
-        print(f"  before/after skipped: git cannot show {BEFORE_COMMIT[:7]}:datasets.py ({proc.stderr.strip()})")
+        print(f"  before/after skipped: git cannot show {BEFORE_COMMIT[:7]}:{name}.py ({proc.stderr.strip()})")
         return None
-    path = Path(tempfile.mkdtemp()) / "datasets_before.py"
+    path = Path(tempfile.mkdtemp()) / f"{name}_before.py"
     path.write_text(proc.stdout)
-    spec = importlib.util.spec_from_file_location("datasets_before", path)
+    spec = importlib.util.spec_from_file_location(f"{name}_before", path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["datasets_before"] = module
+    sys.modules[f"{name}_before"] = module
     spec.loader.exec_module(module)
     return module
 
 
-def mlp_epoch(split, device: torch.device, steps: int) -> Callable[[], None]:
-    """`steps` PMNIST training steps at batch 10, each loading its batch through `split` (data + step)."""
+def masked_steps(split, freezer_cls: type, device: torch.device, steps: int) -> tuple[Callable[[], None], ContinualNet]:
+    """`steps` training steps (train.train_step) of the paper's MLP at batch 10 in the middle of a TIL SNV run
+    (task 5: 320 of 800 neurons frozen, 4 finished heads), each batch loaded through `split`, frozen entries kept
+    by `freezer_cls`; the loss is summed on the device and read once at the end, as train_phase does per epoch.
+    Returns (run, the model it trains)."""
     torch.manual_seed(0)
     model = build_model("mlp", (1, 28, 28)).to(device)
-    model.add_head(10)
-    opt = train.make_optimizer(model.parameters(), argparse.Namespace(optimizer="adam", lr=1e-3, weight_decay=0.0))
+    for _ in range(5):
+        model.add_head(10)
+    frozen = torch.zeros(model.num_neurons, dtype=torch.bool, device=device)
+    frozen[torch.randperm(model.num_neurons)[:320]] = True
+    args = argparse.Namespace(optimizer="adam", lr=1e-3, weight_decay=0.0, amp="none", scenario="task_il",
+                              channels_last=False, arch="mlp")
+    opt = train.make_optimizer(model.parameters(), args)
+    state = baselines.State(frozen)
+    net = train.TrainForward(model, state, "task_il", 4)
+    freezer = freezer_cls(model, frozen, 4)
 
     def run() -> None:
-        gen = torch.Generator().manual_seed(0)
+        gen, loss_sum = torch.Generator().manual_seed(0), torch.zeros((), device=device)
         for i, (x, y) in enumerate(split.batches(10, shuffle=True, generator=gen, device=device)):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x, 0), y).backward()
-            opt.step()
+            loss_sum += train.train_step(net, model, opt, freezer, state, x, y, 4, None, args, 10)
             if i + 1 == steps:
                 break
+        float(loss_sum)
 
-    return run
+    return run, model
 
 
 def before_after(root: Path, device: torch.device, rounds: int, max_batches: int, imagenet_batch: int,
@@ -198,8 +216,8 @@ def before_after(root: Path, device: torch.device, rounds: int, max_batches: int
     """Before (BEFORE_COMMIT's datasets.py) vs after, interleaved in one process: the fastest of `rounds` each
     (the least disturbed by other load on the machine) and their ratio. Pipelines: seconds after the first batch
     (the same images for both); their first-batch seconds (start-up) are recorded too."""
-    before = load_before()
-    if before is None:
+    before, core_before = load_before("datasets"), load_before("snv_core")
+    if before is None or core_before is None:
         return None
     old, new = in_memory_splits(root, before), in_memory_splits(root, datasets)
     old_imagenet = before.get_benchmark("imagenet1k", 1, seed=0, data_dir=str(root)).tasks[0].train
@@ -213,8 +231,8 @@ def before_after(root: Path, device: torch.device, rounds: int, max_batches: int
     cases = {
         "in_memory_cifar100 pipeline": [pipeline(s["in_memory_cifar100"][0], 64) for s in (old, new)],
         "imagenet folder pipeline": [pipeline(s, imagenet_batch) for s in (old_imagenet, new_imagenet)],
-        f"pmnist mlp data + training step x{mlp_steps}": [whole(mlp_epoch(s["in_memory_pmnist"][0], device, mlp_steps))
-                                                          for s in (old, new)],
+        TRAIN_STEP: [whole(masked_steps(s["in_memory_pmnist"][0], core.Freezer, device, mlp_steps)[0])
+                     for s, core in ((old, core_before), (new, snv_core))],
     }
     out = {}
     for name, (run_old, run_new) in cases.items():
@@ -224,9 +242,10 @@ def before_after(root: Path, device: torch.device, rounds: int, max_batches: int
             runs["before"].append(run_old())
             runs["after"].append(run_new())
         b, a = (min(r["seconds"] for r in runs[k]) for k in ("before", "after"))
-        out[name] = {**runs, "ratio_before_over_after": b / a}
-        print(f"  {name:40s} before {b:7.3f} s  after {a:7.3f} s  ratio {b / a:5.2f}x  (fastest of {rounds})",
-              flush=True)
+        mb, ma = (statistics.median(r["seconds"] for r in runs[k]) for k in ("before", "after"))
+        out[name] = {**runs, "ratio_before_over_after": b / a, "ratio_of_medians": mb / ma}
+        print(f"  {name:46s} before {b:7.3f} s  after {a:7.3f} s  ratio {b / a:5.2f}x  (fastest of {rounds}; "
+              f"medians {mb:7.3f} / {ma:7.3f} s, {mb / ma:5.2f}x)", flush=True)
     return out
 
 
@@ -330,11 +349,12 @@ def main() -> None:
                    "resnet32": shapley_rate("resnet32", device, 64 if q else 512, 4 if q else 64)}
         phase("measured: before vs after, side by side")
         compared = before_after(root, device, rounds=5, max_batches=8 if q else 50,
-                                imagenet_batch=imagenet_batch, mlp_steps=50 if q else 1000)
+                                imagenet_batch=imagenet_batch, mlp_steps=500 if q else 2000)
     phase("projected (upper bounds: max epochs, Shapley at its cap of orderings):")
     projected = projections(trained, pipes, shapley)
     result = {"mlp_steps_per_s": trained["mlp"]["steps_per_s"], "resnet32_steps_per_s": trained["resnet32"]["steps_per_s"],
-              "imagenet_loader_images_per_s": pipes["imagenet_loader"]["images_per_s"]}
+              "imagenet_loader_images_per_s": pipes["imagenet_loader"]["images_per_s"],
+              "train_step_speedup": compared[TRAIN_STEP]["ratio_before_over_after"] if compared else math.nan}
     out.parent.mkdir(parents=True, exist_ok=True)
     train.write_json(out, {"command": train.command_line(), "machine": train.machine(), "device": train.device_name(device),
                            "git_commit": train.git_commit(), "quick": q, "seed": 0,

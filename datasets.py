@@ -16,6 +16,7 @@ import functools
 import gzip
 import hashlib
 import io
+import itertools
 import math
 import os
 import pickle
@@ -63,6 +64,8 @@ MEAN_STD = {
     "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)),
     "imagenet1k": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+GATHER_BYTES = 256 * 2**20
+"""TensorSource: the most bytes of float32 images prepared in one go (consecutive batches without augmentation)."""
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 IMAGENET_LAYOUT = ("<data_dir>/imagenet/train/<wnid>/*.JPEG and (optional) <data_dir>/imagenet/val/<wnid>/*.JPEG, "
                    "one folder per class (val images sorted into class folders)")
@@ -482,16 +485,34 @@ class TensorSource:
         return draw_crop_flip(b, self.pad, generator)
 
     def load(self, jobs: Iterator[Job], device: torch.device) -> Iterator[Tensor]:
-        """Per job: gather, scale to [0, 1], permute pixels, crop + flip (if drawn), normalise: float32 [b, C, H, W]."""
+        """Per job a float32 batch [b, C, H, W] (``prepare``). Consecutive jobs without crop draws are prepared
+        together, up to GATHER_BYTES of images (a PMNIST task's training epoch at once), and yielded as views;
+        every operation is per image, so the batches are those of one job at a time, bit for bit."""
         data, perm = self.on(device)
-        for idx, drawn in jobs:
-            x = data[idx.to(device, non_blocking=True)]
-            x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-            if perm is not None:
-                x = x.flatten(1)[:, perm].view_as(x)
+        image_bytes = 4 * data[0].numel()
+        group: list[Tensor] = []
+        size = 0
+        for idx, drawn in itertools.chain(jobs, [(None, None)]):
+            if group and (idx is None or drawn is not None or (size + len(idx)) * image_bytes > GATHER_BYTES):
+                yield from self.prepare(data, perm, torch.cat(group), None).split([len(i) for i in group])
+                group, size = [], 0
+            if idx is None:
+                return
             if drawn is not None:
-                x = crop_flip(x, self.pad, *drawn)
-            yield normalize(x, self.mean, self.std) if self.mean is not None else x
+                yield self.prepare(data, perm, idx, drawn)
+            else:
+                group.append(idx)
+                size += len(idx)
+
+    def prepare(self, data: Tensor, perm: Tensor | None, idx: Tensor, drawn: tuple[Tensor, ...] | None) -> Tensor:
+        """Gather samples idx [b], scale to [0, 1], permute pixels, crop + flip (if drawn), normalise."""
+        x = data[idx.to(data.device, non_blocking=True)]
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        if perm is not None:
+            x = x.flatten(1)[:, perm].view_as(x)
+        if drawn is not None:
+            x = crop_flip(x, self.pad, *drawn)
+        return normalize(x, self.mean, self.std) if self.mean is not None else x
 
 
 class _FolderDataset(torch.utils.data.Dataset):

@@ -276,6 +276,9 @@ splitmnist() {
                 --dataset splitmnist --method "$method" --scenario "$scenario" --num-tasks 5
         done
     done
+    # class-incremental without replay (issue 19): SNV with the best replay-free rule on PMNIST
+    experiment "splitmnist/snv_class_il-taskinf" - \
+        --dataset splitmnist --method snv --scenario class_il --num-tasks 5 --task-inference marginal
 }
 
 capacity() {  # Table 3; c = 0.1 = 1/T is the main 10-task TIL run

@@ -30,3 +30,26 @@ def test_projection_arithmetic() -> None:
     tiny = p["tinyimagenet"]  # resnet64 not measured: 4x resnet32's step time, noted
     assert tiny["step_s"] == pytest.approx(4 / 2.0 + 64 / 3200.0) and any("4x" in n for n in tiny["notes"])
     assert p["pmnist"]["steps_per_epoch"] == 4900 and all(v["kind"] == "projection" for v in p.values())
+
+
+def test_train_step_before_and_after_compute_the_same_step(tmp_path) -> None:
+    """The train_step_speedup case compares like with like: BEFORE_COMMIT's data pipeline and Freezer train the
+    model to the same bits as the current ones (only the work around the arithmetic differs)."""
+    import torch
+
+    import datasets
+    import snv_core
+    before, core_before = bench_train.load_before("datasets"), bench_train.load_before("snv_core")
+    if before is None or core_before is None:
+        pytest.skip("git history without BEFORE_COMMIT (shallow clone)")
+    datasets.write_standin("cifar100", tmp_path, per_class=1)
+    models = []
+    for ds, core in ((before, core_before), (datasets, snv_core)):
+        split = bench_train.in_memory_splits(tmp_path, ds)["in_memory_pmnist"][0]
+        run, model = bench_train.masked_steps(split, core.Freezer, torch.device("cpu"), steps=30)
+        start = model.linears[0].weight.detach().clone()
+        run()
+        models.append(model)
+    new = dict(models[1].named_parameters())
+    assert all(torch.equal(p, new[n]) for n, p in models[0].named_parameters())
+    assert not torch.equal(start, models[1].linears[0].weight)  # it trained

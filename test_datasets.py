@@ -520,3 +520,21 @@ def test_resolve_data_dir_and_bad_names(monkeypatch: pytest.MonkeyPatch) -> None
         D.check_data("cifar10", None)
     with pytest.raises(D.DataError, match="positive"):
         D.get_benchmark("synthetic", 0, seed=0)
+
+
+def test_batches_without_augmentation_are_gathered_in_groups_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    split = _tensor_split(n=50)
+    perm = torch.randperm(split.source.data[0].numel(), generator=torch.Generator().manual_seed(3))
+    split = D.Split(D.TensorSource(split.source.data, (0.3,) * 3, (0.2,) * 3, perm=perm), split.indices, split.labels)
+    kw = dict(shuffle=True, positions=True)
+    image_bytes = 4 * split.source.data[0].numel()
+    results = {}
+    for images in (1, 7, 16, 10_000):  # budget in images: one job at a time, two jobs, one job + rest, everything
+        monkeypatch.setattr(D, "GATHER_BYTES", images * image_bytes)
+        results[images] = list(split.batches(8, generator=torch.Generator().manual_seed(1), **kw))
+        assert [len(b[1]) for b in results[images]] == [8] * 6 + [2]
+    for got in results.values():
+        assert all(torch.equal(a, b) for s, t in zip(got, results[1]) for a, b in zip(s, t))
+    x, _, pos = (torch.cat(t) for t in zip(*results[10_000]))
+    expected = (split.source.data[split.indices[pos]].float() / 255).flatten(1)[:, perm].view_as(x)
+    assert torch.equal(x, (expected - 0.3) / 0.2)

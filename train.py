@@ -220,6 +220,21 @@ class TrainForward(nn.Module):
                                finished=finished)
 
 
+def train_step(net: nn.Module, model: ContinualNet, optimizer: torch.optim.Optimizer, freezer: snv_core.Freezer,
+               state: State, x: Tensor, y: Tensor, j: int, finished: Tensor | None, args: argparse.Namespace,
+               classes_per_task: int) -> Tensor:
+    """One masked training step on batch x [B, C, H, W], y [B] of data task j; returns the loss (a device scalar)."""
+    x = x.contiguous(memory_format=memory_format(args))
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+        loss = (F.cross_entropy(net(x, j, finished), targets(y, j, args.scenario, classes_per_task))
+                + state.method.penalty(model, x, j))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    freezer.step(optimizer)
+    state.method.after_step(model)
+    return loss.detach()
+
+
 def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_tasks: list[int],
                 epochs: int, freezer: snv_core.Freezer, state: State, args: argparse.Namespace,
                 device: torch.device, gen: torch.Generator, desc: str, dist: Dist = SINGLE_PROCESS,
@@ -259,16 +274,8 @@ def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_
                         active.remove((j, it))
                         continue
                     x, y, pos = batch
-                    x = x.contiguous(memory_format=memory_format(args))
                     finished = cache[j][pos] if cache[j] is not None else None
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
-                        loss = (F.cross_entropy(net(x, j, finished), targets(y, j, args.scenario, c))
-                                + state.method.penalty(model, x, j))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    freezer.step(optimizer)
-                    state.method.after_step(model)
-                    loss_sum += loss.detach()
+                    loss_sum += train_step(net, model, optimizer, freezer, state, x, y, j, finished, args, c)
                     steps += 1
             train_loss = float(loss_sum) / max(steps, 1)
             if dist.any(not math.isfinite(train_loss)):
