@@ -433,8 +433,13 @@ def seed_cell(run: dict, key: str) -> str:
 def splitmnist_table(res: Results) -> str:
     exps = [(f"{SHORT[s]} {METHODS[m].label}", res.get(f"splitmnist/{m}_{s}", dataset="splitmnist", method=m,
                                                        scenario=s)) for m in ("snv", "sgd") for s in SCENARIOS]
-    return runs_table("Split-MNIST, 5 tasks, ResNet-18 at a CPU profile (ours only)", exps,
-                      protocol_line((e for _, e in exps), ("width",) + PROTOCOL_KEYS[2:]))
+    inferred = res.get(f"splitmnist/snv_class_il{TASK_INFERENCE_SUFFIX}", dataset="splitmnist", method="snv",
+                       scenario="class_il")
+    return "\n\n".join([
+        runs_table("Split-MNIST, 5 tasks, ResNet-18 at a CPU profile (ours only)", exps,
+                   protocol_line((e for _, e in exps), ("width",) + PROTOCOL_KEYS[2:])),
+        task_id_table("Split-MNIST, class-incremental without replay", rule_rows(METHODS["snv"].label, inferred),
+                      "Split-MNIST, 5 tasks, ResNet-18 at the CPU profile above")])
 
 
 def comparison_runs_table(res: Results) -> str:
@@ -633,6 +638,23 @@ def by_rule(exp: Experiment | None, rule: str) -> Experiment | None:
     return Experiment(exp.folder, runs)
 
 
+def rule_rows(label: str, exp: Experiment | None) -> list[tuple[str, Experiment | None]]:
+    """One row per --task-inference rule of a class_il run that recorded them all."""
+    return [(f"{label}, {rule}", by_rule(exp, rule)) for rule in task_inference.RULES]
+
+
+def task_id_table(title: str, rows: list[tuple[str, Experiment | None]], what: str) -> str:
+    """ACC, task identification, BWT and AF of CIL runs; `what` opens the note (data, tasks)."""
+    keys = ("ACC", TASK_ID, "BWT", "AF")
+    n, prov = provenance(e for _, e in rows)
+    body = [[label] + [Cell(e, k).ours(n) if e is not None and (k != TASK_ID or e.values(k)) else
+                       NOT_RUN if e is None else NONE for k in keys] for label, e in rows]
+    note = (f"{what}, CIL. One run per method and seed records every rule (`task_inference` in its seed JSON); the "
+            "rule picks the task, that task's head the class. *task identified*: fraction of the test images whose "
+            "task the rule picks, after the last task, mean over tasks. " + protocol_line(e for _, e in rows))
+    return "\n\n".join([f"### {title}", note, markdown(["run"] + [column(k) for k in keys], body), prov])
+
+
 def task_inference_table(res: Results) -> str:
     """Class-incremental without replay: each mask-based method's accuracy and task identification per
     --task-inference rule (all rules from the same runs), beside Eidetic with its replay-trained router and joint."""
@@ -643,19 +665,10 @@ def task_inference_table(res: Results) -> str:
         exp = res.get(compare_folder("class_il", name + TASK_INFERENCE_SUFFIX), method=name, scenario="class_il")
         if name == "eidetic":
             rows.append((f"{m.label} (with its replay-trained router)", exp))
-        label = f"{m.label} (subnetworks only)" if name == "eidetic" else m.label
-        rows += [(f"{label}, {rule}", by_rule(exp, rule)) for rule in task_inference.RULES]
+        rows += rule_rows(f"{m.label} (subnetworks only)" if name == "eidetic" else m.label, exp)
     rows.append((METHODS["joint"].label, res.get(compare_folder("class_il", "joint"), method="joint")))
-    keys = ("ACC", TASK_ID, "BWT", "AF")
-    n, prov = provenance(e for _, e in rows)
-    body = [[label] + [Cell(e, k).ours(n) if e is not None and (k != TASK_ID or e.values(k)) else
-                       NOT_RUN if e is None else NONE for k in keys] for label, e in rows]
-    note = ("PMNIST, 10 tasks, CIL. One run per method and seed records every rule (`task_inference` in its seed "
-            "JSON); the rule picks the task, that task's head the class. *task identified*: fraction of the test "
-            "images whose task the rule picks, after the last task, mean over tasks. " +
-            protocol_line(e for _, e in rows))
-    return "\n\n".join(["### Class-incremental without replay: task inference from the frozen subnetworks", note,
-                         markdown(["run"] + [column(k) for k in keys], body), prov])
+    return task_id_table("Class-incremental without replay: task inference from the frozen subnetworks", rows,
+                         "PMNIST, 10 tasks")
 
 
 def compare_section(root: Path) -> str:
