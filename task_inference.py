@@ -186,10 +186,15 @@ def outputs(model: ContinualNet, x: Tensor, tasks: range, state: State, max_rows
 class Recorder:
     """A class-incremental run's task inference: each task's statistics, and per rule its accuracy matrix and
     task-identification matrix (TI[i, j]: fraction of task j's test samples whose task the rule picks after
-    training task i)."""
+    training task i).
 
-    def __init__(self, num_tasks: int, batch_size: int, device: torch.device) -> None:
+    Under torchrun (`world` > 1, `all_reduce` an in-place sum over ranks) each rank evaluates its share of every
+    test batch and the counts are summed; the statistics come from the whole validation split on every rank."""
+
+    def __init__(self, num_tasks: int, batch_size: int, device: torch.device, rank: int = 0, world: int = 1,
+                 all_reduce: Callable[[Tensor], None] | None = None) -> None:
         self.batch_size, self.device = batch_size, device
+        self.rank, self.world, self.all_reduce = rank, world, all_reduce
         self.stats: list[TaskStats] = []
         self.accuracy = {name: np.full((num_tasks, num_tasks), np.nan) for name in RULES}
         self.task_id = {name: np.full((num_tasks, num_tasks), np.nan) for name in RULES}
@@ -217,7 +222,8 @@ class Recorder:
         correct = {name: 0 for name in RULES}
         identified = {name: 0 for name in RULES}
         total = 0
-        for x, y in split.batches(self.batch_size, device=self.device):
+        for x, y in split.batches(self.batch_size, device=self.device, rank=self.rank, world=self.world,
+                                  complete=True):
             out = outputs(model, x, range(upto + 1), state, self.batch_size)
             y = y.cpu()
             logits = out.logits.cpu()
@@ -227,6 +233,11 @@ class Recorder:
                 identified[name] += int((pick == task).sum())
                 correct[name] += int(((pick == task) & (cls == y)).sum())
             total += len(y)
+        if self.all_reduce is not None:
+            counts = torch.tensor([total, *correct.values(), *identified.values()])
+            self.all_reduce(counts)
+            total, *rest = counts.tolist()
+            correct, identified = dict(zip(RULES, rest[:len(RULES)])), dict(zip(RULES, rest[len(RULES):]))
         for name in RULES:
             self.accuracy[name][row, task] = correct[name] / total
             self.task_id[name][row, task] = identified[name] / total

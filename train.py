@@ -177,22 +177,30 @@ def targets(y: Tensor, task: int, scenario: str, classes_per_task: int) -> Tenso
 
 @torch.no_grad()
 def evaluate(model: ContinualNet, split: datasets.Split, task: int, upto: int, args: argparse.Namespace,
-             state: State, device: torch.device, classes_per_task: int) -> tuple[float, float]:
+             state: State, device: torch.device, classes_per_task: int,
+             dist: Dist = SINGLE_PROCESS) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of `task` on a split, heads 0..upto in CIL.
 
-    The correct count and the per-batch loss sums (float64, batch by batch) add up on the device; the host reads
-    them once per split.
+    The correct count, the per-batch loss sums (float64, batch by batch) and the sample count add up on the
+    device; the host reads them once per split. Distributed: each rank evaluates its share of every batch
+    (every sample once over the ranks, datasets.Split.batches(complete=True)) and the three sums are all-reduced
+    once, so every rank returns the same numbers. The accuracy (integer counts) equals a single process's (the
+    eval-mode forward treats each sample alone); the loss may differ from it in float32's last bits (each batch's
+    loss is a float32 sum, over other samples; about 1e-7 relative).
     """
     model.eval()
-    sums, n = torch.zeros(2, dtype=torch.float64, device=device), 0
-    for x, y in split.batches(args.eval_batch_size, device=device):
+    sums, n = torch.zeros(3, dtype=torch.float64, device=device), 0
+    for x, y in split.batches(args.eval_batch_size, device=device, rank=dist.rank, world=dist.world, complete=True):
         x = x.contiguous(memory_format=memory_format(args))
         out = state.method.route(model, x, scenario_logits(model, x, task, upto, args.scenario, state,
                                                            trainable=upto + 1), upto)
         t = targets(y, task, args.scenario, classes_per_task)
-        sums += torch.stack([(out.argmax(1) == t).sum().double(), F.cross_entropy(out, t, reduction="sum").double()])
+        sums[:2] += torch.stack([(out.argmax(1) == t).sum().double(),
+                                 F.cross_entropy(out, t, reduction="sum").double()])
         n += y.numel()
-    correct, loss = sums.tolist()
+    sums[2] = n
+    dist.all_reduce(sums)
+    correct, loss, n = sums.tolist()
     return correct / n, loss / n
 
 
@@ -325,14 +333,14 @@ def task_loop(model: ContinualNet, bench: datasets.Benchmark, t: int, freezer: s
 
 
 def random_init_accuracy(bench: datasets.Benchmark, args: argparse.Namespace, seed: int,
-                         device: torch.device) -> list[float]:
+                         device: torch.device, dist: Dist = SINGLE_PROCESS) -> list[float]:
     """b_t: accuracy on task t of a freshly initialised model (heads 0..t in CIL)."""
     torch.manual_seed(seed + 1)
     fresh = build_model(args.arch, bench.input_shape, args.width).to(device, memory_format=memory_format(args))
     for _ in bench.tasks:
         fresh.add_head(bench.classes_per_task)
     empty = State(torch.zeros(fresh.num_neurons, dtype=torch.bool))
-    return [evaluate(fresh, task.test, t, t, args, empty, device, bench.classes_per_task)[0]
+    return [evaluate(fresh, task.test, t, t, args, empty, device, bench.classes_per_task, dist)[0]
             for t, task in enumerate(bench.tasks)]
 
 
@@ -342,7 +350,7 @@ PRUNE_RATES = tuple(range(0, 95, 5))
 
 @torch.no_grad()
 def pruning_curve(model: ContinualNet, bench: datasets.Benchmark, state: State, args: argparse.Namespace,
-                  device: torch.device) -> dict:
+                  device: torch.device, dist: Dist = SINGLE_PROCESS) -> dict:
     """Fig. 4: average accuracy over all tasks after pruning the backbone's weights globally by magnitude.
 
     At each rate the smallest |w| of every producer (Linear/Conv2d of model.layers; heads untouched) are zeroed,
@@ -362,7 +370,7 @@ def pruning_curve(model: ContinualNet, bench: datasets.Benchmark, state: State, 
             pruned[order[:round(rate / 100 * order.numel())]] = True
             for w, orig, cut in zip(weights, saved, pruned.split(sizes)):
                 w.copy_(orig.masked_fill(cut.view_as(orig), 0.0))
-            curve.append(float(np.mean([evaluate(model, bench.tasks[j].test, j, T - 1, args, state, device, c)[0]
+            curve.append(float(np.mean([evaluate(model, bench.tasks[j].test, j, T - 1, args, state, device, c, dist)[0]
                                         for j in range(T)])))
     finally:
         for w, orig in zip(weights, saved):
@@ -386,7 +394,7 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
                                    workers=args.workers)
     T, c = bench.num_tasks, bench.classes_per_task
     saved = load_checkpoint(checkpoint, args, seed) if args.resume and checkpoint and checkpoint.exists() else None
-    b = saved["random_init_accuracy"] if saved is not None else random_init_accuracy(bench, args, seed, device)
+    b = saved["random_init_accuracy"] if saved is not None else random_init_accuracy(bench, args, seed, device, dist)
     torch.manual_seed(seed)
     model = build_model(args.arch, bench.input_shape, args.width).to(device, memory_format=memory_format(args))
     n = model.num_neurons
@@ -394,12 +402,13 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
     gen = torch.Generator().manual_seed(seed)
     A = np.full((T, T), np.nan)
     silent, resets, epochs_run, t0, start = [], [], [], time.time(), 0
-    infer = (task_inference.Recorder(T, args.eval_batch_size, device)
+    infer = (task_inference.Recorder(T, args.eval_batch_size, device, dist.rank, dist.world,
+                                     dist.all_reduce if dist.world > 1 else None)
              if args.scenario == "class_il" and state.method.infers_tasks(args) else None)
 
     def test_accuracy(j: int, upto: int, row: int) -> float:
         """A[row, j]: task j's test accuracy over heads 0..upto, by --task-inference (every rule recorded)."""
-        acc = evaluate(model, bench.tasks[j].test, j, upto, args, state, device, c)[0]
+        acc = evaluate(model, bench.tasks[j].test, j, upto, args, state, device, c, dist)[0]
         if infer is None:
             return acc
         by_rule = infer.evaluate(model, state, bench.tasks[j].test, j, upto, row)
@@ -444,7 +453,7 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
         if dist.rank == 0:
             print(f"[seed {seed}] task {t + 1}/{T}: " + " ".join(f"{a:.4f}" for a in A[t, :t + 1]), flush=True)
     joint_diag = load_joint_diag(args.joint_results, seed, T) if args.joint_results else None
-    pruning = {"pruning": pruning_curve(model, bench, state, args, device)} if args.prune_analysis else {}
+    pruning = {"pruning": pruning_curve(model, bench, state, args, device, dist)} if args.prune_analysis else {}
     frozen = int(state.frozen.sum()) if state.method.freezes_neurons else None
     records = {"shapley": [], "method_records": [], state.method.records_key: state.method.records}
     if infer is not None:
