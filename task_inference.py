@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -148,6 +148,18 @@ def without_own_weights(model: ContinualNet, method: baselines.WeightMasks, x: T
     return functional_call(model, overrides | method.norms[task], (x, task))
 
 
+def stacked_logits(model: ContinualNet, x: Tensor, keep: Tensor, const: Tensor, heads: Sequence[int],
+                   max_rows: int) -> Tensor:
+    """[K, B, C]: head heads[k] on x [B, ...] through coalition k (neurons outside keep [K, N] output const
+    [K, N]), as stacked forwards of x repeated K times, at most max(`max_rows`, K) rows each (x in chunks)."""
+    K, chunks = len(heads), []
+    for xb in x.split(max(1, max_rows // K)):
+        with model.gated(keep, const):
+            feats = model.features(xb.repeat(K, *(1,) * (xb.dim() - 1))).view(K, len(xb), -1)
+        chunks.append(torch.stack([model.heads[k](f) for k, f in zip(heads, feats)]))
+    return torch.cat(chunks, 1)
+
+
 @torch.no_grad()
 def outputs(model: ContinualNet, x: Tensor, tasks: range, state: State, max_rows: int) -> Outputs:
     """The heads of `tasks` (K of them), each through its own task's subnetwork, with and without the task's own
@@ -167,12 +179,7 @@ def outputs(model: ContinualNet, x: Tensor, tasks: range, state: State, max_rows
         keep = torch.stack([state.subnets[k][0] for k in stacked])
         keep = torch.cat([keep, keep & ~torch.stack([own_neurons(state, k) for k in stacked])])
         const = torch.stack([state.subnets[k][1] for k in stacked]).repeat(2, 1)
-        K, chunks = len(stacked), []
-        for xb in x.split(max(1, max_rows // (2 * K))):
-            with model.gated(keep, const):
-                feats = model.features(xb.repeat(2 * K, *(1,) * (xb.dim() - 1))).view(2, K, len(xb), -1)
-            chunks.append(torch.stack([torch.stack([model.heads[k](f) for k, f in zip(stacked, half)]) for half in feats]))
-        both = torch.cat(chunks, 2)
+        both = stacked_logits(model, x, keep, const, [*stacked, *stacked], max_rows).view(2, len(stacked), len(x), -1)
         pieces.append((both[0], both[1]))
     for k in range(stacked.stop, tasks.stop):
         logits = method.forward(model, x, k)

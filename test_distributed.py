@@ -168,7 +168,8 @@ def eval_worker(rank: int, world: int, store: str, out: str) -> None:
     """One gloo rank of `evaluations`, saved to <out>/eval_rank<rank>.pt."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        torch.save(evaluations(rank, world, train.Dist(rank, world).all_reduce), os.path.join(out, f"eval_rank{rank}.pt"))
+        torch.save(evaluations(rank, world, train.Dist(rank, world).all_reduce),
+                   os.path.join(out, f"eval_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
