@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -44,22 +45,26 @@ def with_bandit(**kw) -> snv_core.ShapleyResult:
                                         **kw)
 
 
-def worker(rank: int, world: int, store: str, out: str) -> None:
-    """One gloo rank: both estimates, saved to <out>/rank<rank>.pt."""
+def gloo_rank(rank: int, world: int, store: str, out: str, work: Callable[[int, int], object]) -> None:
+    """One rank of a gloo group of `world`: work(rank, world), saved to <out>/<work's name><rank>.pt."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        group = train.Dist(rank, world)
-        kw = dict(rank=rank, world_size=world, all_reduce=group.all_reduce)
-        fixed, bandit = fixed_orderings(**kw), with_bandit(**kw)
-        torch.save({"fixed": (fixed.phi, fixed.counts, fixed.evaluations), "bandit": (bandit.phi, bandit.orderings),
-                    "top_k": snv_core.top_k(bandit.phi, K)}, os.path.join(out, f"rank{rank}.pt"))
+        torch.save(work(rank, world), os.path.join(out, f"{work.__name__}{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
+def estimates(rank: int, world: int) -> dict:
+    """Both estimates of this rank."""
+    kw = dict(rank=rank, world_size=world, all_reduce=train.Dist(rank, world).all_reduce)
+    fixed, bandit = fixed_orderings(**kw), with_bandit(**kw)
+    return {"fixed": (fixed.phi, fixed.counts, fixed.evaluations), "bandit": (bandit.phi, bandit.orderings),
+            "top_k": snv_core.top_k(bandit.phi, K)}
+
+
 def test_sharded_shapley_matches_single_process(tmp_path):
-    mp.spawn(worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    mp.spawn(gloo_rank, args=(2, str(tmp_path / "store"), str(tmp_path), estimates), nprocs=2)
+    ranks = [torch.load(tmp_path / f"estimates{r}.pt") for r in range(2)]
     single = fixed_orderings()
     for r in ranks:
         phi, counts, evaluations = r["fixed"]
@@ -149,34 +154,24 @@ def eval_fixture() -> tuple:
     return args, bench, model, state
 
 
-def evaluations(rank: int = 0, world: int = 1, all_reduce=None) -> dict:
+def evaluations(rank: int = 0, world: int = 1) -> dict:
     """train.evaluate and task_inference.Recorder.evaluate of task 1 over heads 0..2, and the rows the network's
     first layer saw."""
     args, bench, model, state = eval_fixture()
     rows = []
     model.layers[0].producer.register_forward_pre_hook(lambda m, inp: rows.append(inp[0].shape[0]))
-    split = bench.tasks[1].test
-    acc, loss = train.evaluate(model, split, 1, 2, args, state, torch.device("cpu"), bench.classes_per_task,
-                               train.Dist(rank, world))
+    split, group = bench.tasks[1].test, train.Dist(rank, world)
+    acc, loss = train.evaluate(model, split, 1, 2, args, state, torch.device("cpu"), bench.classes_per_task, group)
     first = sum(rows)
-    recorder = task_inference.Recorder(3, args.eval_batch_size, torch.device("cpu"), rank, world, all_reduce)
+    recorder = task_inference.Recorder(3, args.eval_batch_size, torch.device("cpu"), rank, world,
+                                       group.all_reduce if world > 1 else None)
     by_rule = recorder.evaluate(model, state, split, 1, 2, 2)
     return {"accuracy": acc, "loss": loss, "rows": first, "by_rule": by_rule, "n": len(split)}
 
 
-def eval_worker(rank: int, world: int, store: str, out: str) -> None:
-    """One gloo rank of `evaluations`, saved to <out>/eval_rank<rank>.pt."""
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        torch.save(evaluations(rank, world, train.Dist(rank, world).all_reduce),
-                   os.path.join(out, f"eval_rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_sharded_evaluation_covers_every_sample_once_and_matches_single_process(tmp_path):
-    mp.spawn(eval_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"eval_rank{r}.pt") for r in range(2)]
+    mp.spawn(gloo_rank, args=(2, str(tmp_path / "store"), str(tmp_path), evaluations), nprocs=2)
+    ranks = [torch.load(tmp_path / f"evaluations{r}.pt") for r in range(2)]
     single = evaluations()
     assert single["n"] == 24 and single["rows"] == 24 * 3  # one forward per head (two finished subnetworks)
     assert [r["rows"] for r in ranks] == [(12 + 1) * 3, 11 * 3]  # rank 0 takes the 1-sample batch too
