@@ -570,13 +570,15 @@ class Split:
 
     def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
                 augment: bool = False, device: torch.device | str = "cpu", positions: bool = False,
-                rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, ...]]:
+                rank: int = 0, world: int = 1, complete: bool = False) -> Iterator[tuple[Tensor, ...]]:
         """Yield (x float32 [b, C, H, W] normalised, y int64 [b] local labels); shuffle/augment use ``generator``.
 
         With ``positions``, each batch also carries the samples' positions in this split (int64 [b]).
         With ``world`` > 1 (torchrun), this rank loads only its share, samples rank::world, of every batch of
         ``batch_size`` (the batches, their order and their augmentation are those of a single process), and
-        batches with fewer than ``world`` samples are skipped so that every rank takes the same steps.
+        batches with fewer than ``world`` samples are skipped so that every rank takes the same steps. With
+        ``complete`` (evaluation), none is skipped: a rank skips only a batch in which its share is empty, so the
+        ranks together see every sample exactly once (their numbers of batches may then differ by one).
         """
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in [0, world={world})")
@@ -591,9 +593,11 @@ class Split:
         def jobs() -> Iterator[Job]:
             for start in range(0, len(self), batch_size):
                 sel = order[start:start + batch_size]
-                if len(sel) < world:
+                if len(sel) < world and not complete:
                     continue
                 drawn = self.source.draw(len(sel), generator) if augment else None
+                if len(sel) <= rank:
+                    continue
                 shares.append(sel[rank::world])
                 yield self.indices[shares[-1]], None if drawn is None else tuple(d[rank::world] for d in drawn)
 

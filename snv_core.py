@@ -200,10 +200,11 @@ class MaskedAccuracy:
             for l in layers:
                 new_gates[1:] |= (layer_keeps[l][1:] != layer_keeps[l][:-1]).any(1, keepdim=True)
             fresh = new_input | new_gates
+            # the one host sync of a stage's recomputation: its size is data-dependent (the sparsity is the speed)
             coalition, image = fresh.nonzero().unbind(1)
             gates = {l: (layer_keeps[l].index_select(0, coalition), self.mu_layers[l]) for l in layers}
             with model.gated_layers(gates):
-                h = model.stage_out(s, z.index_select(0, rows[fresh]))
+                h = model.stage_out(s, z.index_select(0, rows[coalition, image]))
             self.groups_out[s] += h.shape[0] / e
             rows = self._latest(fresh)
             if s < last:
@@ -219,22 +220,22 @@ class MaskedAccuracy:
         """Drop the rows of h that are bitwise equal to the previous coalition's.
 
         h [M', ...] holds the (coalition, image) pairs [M'] where `fresh` [K, E] is set, in
-        row-major order, and `rows` [K, E] = `_latest(fresh)`. Only the pairs with `same_input`
-        [M'] (input row as the previous coalition's, gates not) are compared: a changed input row
-        practically never gives an unchanged output. Returns h, rows and image [M] without the
-        dropped rows; a dropped pair points to its predecessor's row.
+        row-major order, and `rows` [K, E] = `_latest(fresh)`. A pair is dropped where `same_input`
+        [M'] (input row as the previous coalition's, gates not) and its row equals its predecessor's
+        (a changed input row practically never gives an unchanged output): a masked comparison of
+        every row (coalition 0's with itself, masked out), so only the compaction waits for the host.
+        Returns h, rows and image [M] without the dropped rows; a dropped pair points to its
+        predecessor's row.
         """
-        check = same_input.nonzero().squeeze(1)
-        prev = rows[coalition[check] - 1, image[check]]
-        dropped = check[MaskedAccuracy._bitwise_equal_rows(h.index_select(0, check), h.index_select(0, prev))]
-        if dropped.numel() == 0:
+        prev = rows[(coalition - 1).clamp(min=0), image]
+        kept = ~(same_input & MaskedAccuracy._bitwise_equal_rows(h, h.index_select(0, prev)))
+        # compacting h is the saving (stage_in runs on the kept rows only): its size is data-dependent
+        keep = kept.nonzero().squeeze(1)
+        if keep.numel() == image.numel():
             return h, rows, image
-        kept = torch.ones_like(image, dtype=torch.bool)
-        kept[dropped] = False
         still_fresh = torch.zeros_like(fresh)
-        still_fresh[fresh] = kept
-        kept = kept.nonzero().squeeze(1)
-        return h.index_select(0, kept), MaskedAccuracy._latest(still_fresh), image.index_select(0, kept)
+        still_fresh[coalition, image] = kept
+        return h.index_select(0, keep), MaskedAccuracy._latest(still_fresh), image.index_select(0, keep)
 
     @staticmethod
     def _latest(fresh: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -148,6 +148,18 @@ def without_own_weights(model: ContinualNet, method: baselines.WeightMasks, x: T
     return functional_call(model, overrides | method.norms[task], (x, task))
 
 
+def stacked_logits(model: ContinualNet, x: Tensor, keep: Tensor, const: Tensor, heads: Sequence[int],
+                   max_rows: int) -> Tensor:
+    """[K, B, C]: head heads[k] on x [B, ...] through coalition k (neurons outside keep [K, N] output const
+    [K, N]), as stacked forwards of x repeated K times, at most max(`max_rows`, K) rows each (x in chunks)."""
+    K, chunks = len(heads), []
+    for xb in x.split(max(1, max_rows // K)):
+        with model.gated(keep, const):
+            feats = model.features(xb.repeat(K, *(1,) * (xb.dim() - 1))).view(K, len(xb), -1)
+        chunks.append(torch.stack([model.heads[k](f) for k, f in zip(heads, feats)]))
+    return torch.cat(chunks, 1)
+
+
 @torch.no_grad()
 def outputs(model: ContinualNet, x: Tensor, tasks: range, state: State, max_rows: int) -> Outputs:
     """The heads of `tasks` (K of them), each through its own task's subnetwork, with and without the task's own
@@ -167,12 +179,7 @@ def outputs(model: ContinualNet, x: Tensor, tasks: range, state: State, max_rows
         keep = torch.stack([state.subnets[k][0] for k in stacked])
         keep = torch.cat([keep, keep & ~torch.stack([own_neurons(state, k) for k in stacked])])
         const = torch.stack([state.subnets[k][1] for k in stacked]).repeat(2, 1)
-        K, chunks = len(stacked), []
-        for xb in x.split(max(1, max_rows // (2 * K))):
-            with model.gated(keep, const):
-                feats = model.features(xb.repeat(2 * K, *(1,) * (xb.dim() - 1))).view(2, K, len(xb), -1)
-            chunks.append(torch.stack([torch.stack([model.heads[k](f) for k, f in zip(stacked, half)]) for half in feats]))
-        both = torch.cat(chunks, 2)
+        both = stacked_logits(model, x, keep, const, [*stacked, *stacked], max_rows).view(2, len(stacked), len(x), -1)
         pieces.append((both[0], both[1]))
     for k in range(stacked.stop, tasks.stop):
         logits = method.forward(model, x, k)
@@ -186,10 +193,15 @@ def outputs(model: ContinualNet, x: Tensor, tasks: range, state: State, max_rows
 class Recorder:
     """A class-incremental run's task inference: each task's statistics, and per rule its accuracy matrix and
     task-identification matrix (TI[i, j]: fraction of task j's test samples whose task the rule picks after
-    training task i)."""
+    training task i).
 
-    def __init__(self, num_tasks: int, batch_size: int, device: torch.device) -> None:
+    Under torchrun (`world` > 1, `all_reduce` an in-place sum over ranks) each rank evaluates its share of every
+    test batch and the counts are summed; the statistics come from the whole validation split on every rank."""
+
+    def __init__(self, num_tasks: int, batch_size: int, device: torch.device, rank: int = 0, world: int = 1,
+                 all_reduce: Callable[[Tensor], None] | None = None) -> None:
         self.batch_size, self.device = batch_size, device
+        self.rank, self.world, self.all_reduce = rank, world, all_reduce
         self.stats: list[TaskStats] = []
         self.accuracy = {name: np.full((num_tasks, num_tasks), np.nan) for name in RULES}
         self.task_id = {name: np.full((num_tasks, num_tasks), np.nan) for name in RULES}
@@ -217,7 +229,8 @@ class Recorder:
         correct = {name: 0 for name in RULES}
         identified = {name: 0 for name in RULES}
         total = 0
-        for x, y in split.batches(self.batch_size, device=self.device):
+        for x, y in split.batches(self.batch_size, device=self.device, rank=self.rank, world=self.world,
+                                  complete=True):
             out = outputs(model, x, range(upto + 1), state, self.batch_size)
             y = y.cpu()
             logits = out.logits.cpu()
@@ -227,6 +240,11 @@ class Recorder:
                 identified[name] += int((pick == task).sum())
                 correct[name] += int(((pick == task) & (cls == y)).sum())
             total += len(y)
+        if self.all_reduce is not None:
+            counts = torch.tensor([total, *correct.values(), *identified.values()])
+            self.all_reduce(counts)
+            total, *rest = counts.tolist()
+            correct, identified = dict(zip(RULES, rest[:len(RULES)])), dict(zip(RULES, rest[len(RULES):]))
         for name in RULES:
             self.accuracy[name][row, task] = correct[name] / total
             self.task_id[name][row, task] = identified[name] / total

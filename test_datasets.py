@@ -437,6 +437,9 @@ def test_in_memory_batches_seeded_resident_once_and_sharded() -> None:
             assert all(torch.equal(a, b[r::world]) for s, full in zip(share, kept) for a, b in zip(s, full))
     short = _tensor_split(n=33)  # batches 16, 16, 1: the last one is skipped for world 2 on both ranks
     assert [len(b[1]) for b in short.batches(16, rank=1, world=2)] == [8, 8]
+    complete = [list(short.batches(16, rank=r, world=2, positions=True, complete=True)) for r in range(2)]
+    assert [[len(b[1]) for b in c] for c in complete] == [[8, 8, 1], [8, 8]]  # evaluation: every sample once
+    assert sorted(torch.cat([b[2] for c in complete for b in c]).tolist()) == list(range(33))
     with pytest.raises(ValueError, match="rank 2"):
         next(short.batches(16, rank=2, world=2))
 

@@ -8,14 +8,19 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import datasets
 import snv_core
+import task_inference
 import train
+from baselines import State
+from models import build_model
 
 HERE = Path(__file__).resolve().parent
 N, K = 12, 3
@@ -40,22 +45,26 @@ def with_bandit(**kw) -> snv_core.ShapleyResult:
                                         **kw)
 
 
-def worker(rank: int, world: int, store: str, out: str) -> None:
-    """One gloo rank: both estimates, saved to <out>/rank<rank>.pt."""
+def gloo_rank(rank: int, world: int, store: str, out: str, work: Callable[[int, int], object]) -> None:
+    """One rank of a gloo group of `world`: work(rank, world), saved to <out>/<work's name><rank>.pt."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        group = train.Dist(rank, world)
-        kw = dict(rank=rank, world_size=world, all_reduce=group.all_reduce)
-        fixed, bandit = fixed_orderings(**kw), with_bandit(**kw)
-        torch.save({"fixed": (fixed.phi, fixed.counts, fixed.evaluations), "bandit": (bandit.phi, bandit.orderings),
-                    "top_k": snv_core.top_k(bandit.phi, K)}, os.path.join(out, f"rank{rank}.pt"))
+        torch.save(work(rank, world), os.path.join(out, f"{work.__name__}{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
+def estimates(rank: int, world: int) -> dict:
+    """Both estimates of this rank."""
+    kw = dict(rank=rank, world_size=world, all_reduce=train.Dist(rank, world).all_reduce)
+    fixed, bandit = fixed_orderings(**kw), with_bandit(**kw)
+    return {"fixed": (fixed.phi, fixed.counts, fixed.evaluations), "bandit": (bandit.phi, bandit.orderings),
+            "top_k": snv_core.top_k(bandit.phi, K)}
+
+
 def test_sharded_shapley_matches_single_process(tmp_path):
-    mp.spawn(worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    mp.spawn(gloo_rank, args=(2, str(tmp_path / "store"), str(tmp_path), estimates), nprocs=2)
+    ranks = [torch.load(tmp_path / f"estimates{r}.pt") for r in range(2)]
     single = fixed_orderings()
     for r in ranks:
         phi, counts, evaluations = r["fixed"]
@@ -126,3 +135,48 @@ def test_frozen_batchnorm_channels_stay_identical_across_ranks_and_tasks(tmp_pat
     frozen, before, after = ranks[0][0]["frozen"], ranks[0][0]["bn"], ranks[0][1]["bn"]
     assert sum(int(m.sum()) for m in frozen) > 0  # not vacuous: channels were frozen after task 1 ...
     assert any(not torch.equal(b[2:, ~m], a[2:, ~m]) for m, b, a in zip(frozen, before, after))  # ... others moved
+
+
+def eval_fixture() -> tuple:
+    """A class-incremental evaluation with two finished subnetworks: args (eval batches of 23, so task 1's 24 test
+    samples come as 23 + 1), the benchmark, a seeded MLP with three heads and its State."""
+    args = train.resolve_args(train.build_parser().parse_args([
+        "--dataset", "synthetic", "--device", "cpu", "--scenario", "class_il", "--width", "16",
+        "--eval-batch-size", "23"]))
+    bench = datasets.get_benchmark("synthetic", 3, 0)
+    torch.manual_seed(0)
+    model = build_model("mlp", bench.input_shape, 16)
+    for _ in range(3):
+        model.add_head(bench.classes_per_task)
+    n, gen = model.num_neurons, torch.Generator().manual_seed(1)
+    state = State(torch.zeros(n, dtype=torch.bool))
+    state.subnets = [(torch.rand(n, generator=gen) < 0.6, torch.randn(n, generator=gen)) for _ in range(2)]
+    return args, bench, model, state
+
+
+def evaluations(rank: int = 0, world: int = 1) -> dict:
+    """train.evaluate and task_inference.Recorder.evaluate of task 1 over heads 0..2, and the rows the network's
+    first layer saw."""
+    args, bench, model, state = eval_fixture()
+    rows = []
+    model.layers[0].producer.register_forward_pre_hook(lambda m, inp: rows.append(inp[0].shape[0]))
+    split, group = bench.tasks[1].test, train.Dist(rank, world)
+    acc, loss = train.evaluate(model, split, 1, 2, args, state, torch.device("cpu"), bench.classes_per_task, group)
+    first = sum(rows)
+    recorder = task_inference.Recorder(3, args.eval_batch_size, torch.device("cpu"), rank, world,
+                                       group.all_reduce if world > 1 else None)
+    by_rule = recorder.evaluate(model, state, split, 1, 2, 2)
+    return {"accuracy": acc, "loss": loss, "rows": first, "by_rule": by_rule, "n": len(split)}
+
+
+def test_sharded_evaluation_covers_every_sample_once_and_matches_single_process(tmp_path):
+    mp.spawn(gloo_rank, args=(2, str(tmp_path / "store"), str(tmp_path), evaluations), nprocs=2)
+    ranks = [torch.load(tmp_path / f"evaluations{r}.pt") for r in range(2)]
+    single = evaluations()
+    assert single["n"] == 24 and single["rows"] == 24 * 3  # one forward per head (two finished subnetworks)
+    assert [r["rows"] for r in ranks] == [(12 + 1) * 3, 11 * 3]  # rank 0 takes the 1-sample batch too
+    for r in ranks:
+        assert r["accuracy"] == single["accuracy"] and r["by_rule"] == single["by_rule"]
+        assert math.isclose(r["loss"], single["loss"], rel_tol=1e-6)  # float32 batch sums over other batches
+    assert ranks[0]["loss"] == ranks[1]["loss"]  # the all-reduced sums are the same on every rank
+    assert 0 < single["accuracy"] < 1

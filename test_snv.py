@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
+import baselines
 import snv_core
 import train
 from models import MLP, ResNet18, build_model
@@ -570,6 +572,67 @@ def test_cil_cached_old_logits_match_the_subnetworks(tmp_path, monkeypatch):
     runs.append(train.run_seed(args, 0, torch.device("cpu")))
     assert runs[0]["accuracy_matrix"] == runs[1]["accuracy_matrix"]
     assert [s["phi"] for s in runs[0]["shapley"]] == [s["phi"] for s in runs[1]["shapley"]]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet18"])
+def test_cil_with_augmentation_runs_finished_subnetworks_stacked(tmp_path, monkeypatch, arch):
+    """Augmenting source (crop padding set: no cache): the finished subnetworks' heads run as stacked forwards
+    (train.finished_logits). In eval mode on CPU they equal one forward per task (frozen_logits) bit for bit for
+    batches of 4 or more samples, within 1e-6 for smaller ones (MKL sums 1 to 3 rows in another order); training
+    and evaluating with the per-task loop instead gives the same run."""
+    synthetic = train.datasets.make_synthetic
+
+    def augmenting(*a, **k):
+        bench = synthetic(*a, **k)
+        padded = dataclasses.replace(bench.tasks[0].train.source, pad=2)
+        for task in bench.tasks:
+            for split in (task.train, task.val, task.test):
+                split.source = padded
+        return bench
+
+    monkeypatch.setattr(train.datasets, "get_benchmark", lambda name, n, seed, *a, **k: augmenting(n or 3, seed))
+    monkeypatch.setattr(train, "STACKED_ROWS", 10)  # stacked forwards of 3 samples x 3 subnetworks
+    args = train.resolve_args(train.build_parser().parse_args(synthetic_args(
+        tmp_path, "--scenario", "class_il", "--arch", arch, "--width", "4", "--epochs", "1")))
+    checked: list[tuple[int, bool]] = []
+
+    def check(t: int, model, state) -> None:
+        split = train.datasets.get_benchmark("synthetic", args.num_tasks, 0).tasks[t].train
+        assert train.cache_finished_logits(model, split, t + 1, state, args, torch.device("cpu")) is None
+        model.train()
+        for x, _ in split.batches(9, shuffle=True, generator=torch.Generator().manual_seed(t), augment=True):
+            stacked = train.finished_logits(model, x, t + 1, state)
+            loop = torch.cat([train.frozen_logits(model, x, i, state) for i in range(t + 1)], dim=1)
+            assert stacked.shape == (len(x), (t + 1) * 2) and model.training
+            assert torch.equal(stacked, loop) if len(x) >= 4 else torch.allclose(stacked, loop, rtol=0, atol=1e-6)
+            checked.append((t, len(x) >= 4))
+
+    stacked_run = train.run_seed(args, 0, torch.device("cpu"), on_task_end=check)
+    assert {t for t, _ in checked} == {0, 1, 2} and {big for _, big in checked} == {True, False}  # 84 = 9 x 9 + 3
+    monkeypatch.setattr(train, "finished_logits", lambda model, x, f, state: torch.cat(
+        [train.frozen_logits(model, x, i, state) for i in range(f)], dim=1))
+    loop_run = train.run_seed(args, 0, torch.device("cpu"))
+    assert stacked_run["accuracy_matrix"] == loop_run["accuracy_matrix"]
+    assert [s["phi"] for s in stacked_run["shapley"]] == [s["phi"] for s in loop_run["shapley"]]
+
+
+def test_finished_logits_keep_a_method_s_own_forward():
+    """A method that overrides forward (here: logits doubled) cannot be stacked: finished_logits runs its forward
+    per task; the default forward is stacked and gives the undoubled logits."""
+
+    class Doubled(baselines.Method):
+        def forward(self, model, x, task):
+            return 2 * model(x, task)
+
+    torch.manual_seed(0)
+    model = MLP(12, 8, 3)
+    for _ in range(2):
+        model.add_head(3)
+    n, x = model.num_neurons, torch.randn(5, 12)
+    subnets = [(torch.rand(n) < 0.5, torch.randn(n)) for _ in range(2)]
+    plain = train.finished_logits(model, x, 2, train.State(torch.zeros(n, dtype=torch.bool), subnets))
+    doubled = train.finished_logits(model, x, 2, train.State(torch.zeros(n, dtype=torch.bool), subnets, Doubled()))
+    assert torch.equal(doubled, 2 * plain) and not torch.equal(plain, 0 * plain)
 
 
 def test_no_cil_cache_when_augmenting(tmp_path):

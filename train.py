@@ -128,6 +128,31 @@ def frozen_logits(model: ContinualNet, x: Tensor, task: int, state: State) -> Te
     return out
 
 
+STACKED_ROWS = 512
+"""The most rows (samples x finished subnetworks) one stacked forward of finished_logits runs: a 224x224
+ResNet-18's largest activation is then 1.6 GB (fp32)."""
+
+
+def finished_logits(model: ContinualNet, x: Tensor, f: int, state: State) -> Tensor:
+    """[B, f C]: heads 0..f-1 on x [B, ...], each through its finished task's subnetwork, without gradient in eval
+    mode.
+
+    Neuron subnetworks (state.subnets: SNV, Eidetic) under the default forward hook run as stacked forwards of at
+    most STACKED_ROWS rows (task_inference.stacked_logits); weight masks (per_task) and a method with its own
+    forward run one forward per task (frozen_logits). On CPU the two agree bit for bit where the batch has at least
+    4 samples (MKL sums 1 to 3 rows in another order; test_snv).
+    """
+    if state.method.per_task or type(state.method).forward is not baselines.Method.forward:
+        return torch.cat([frozen_logits(model, x, i, state) for i in range(f)], dim=1)
+    keep, const = (torch.stack(v) for v in zip(*state.subnets[:f]))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = task_inference.stacked_logits(model, x, keep, const, range(f), STACKED_ROWS)
+    model.train(was_training)
+    return out.transpose(0, 1).flatten(1)
+
+
 def finished_heads(state: State, trainable: int) -> int:
     """How many leading heads belong to finished tasks, whose logits are a constant function of x."""
     return trainable if state.method.per_task else min(trainable, len(state.subnets))
@@ -137,8 +162,9 @@ def scenario_logits(model: ContinualNet, x: Tensor, task: int, upto: int, scenar
                     trainable: int, finished: Tensor | None = None) -> Tensor:
     """TIL: [B, C] of head `task`. CIL: [B, (upto+1) C], heads 0..upto concatenated.
 
-    Heads of finished tasks with a subnetwork (index < `trainable`) run through it without gradient, or come
-    from `finished` [B, f C], their logits cached for this batch (see cache_finished_logits).
+    Heads of finished tasks with a subnetwork (index < `trainable`) run through it without gradient
+    (finished_logits), or come from `finished` [B, f C], their logits cached for this batch (see
+    cache_finished_logits).
     """
     if scenario == "task_il":
         return task_logits(model, x, task, state)
@@ -146,7 +172,7 @@ def scenario_logits(model: ContinualNet, x: Tensor, task: int, upto: int, scenar
         feats = model.features(x)
         return torch.cat([model.heads[i](feats) for i in range(upto + 1)], dim=1)
     f = finished_heads(state, trainable)
-    old = [finished] if finished is not None else [frozen_logits(model, x, i, state) for i in range(f)]
+    old = [finished] if finished is not None else [finished_logits(model, x, f, state)] if f else []
     return torch.cat([*old, *(task_logits(model, x, i, state) for i in range(f, upto + 1))], dim=1)
 
 
@@ -160,7 +186,7 @@ def cache_finished_logits(model: ContinualNet, split: datasets.Split, trainable:
     f = finished_heads(state, trainable)
     if args.scenario == "task_il" or split.source.augments or f == 0:
         return None
-    return torch.cat([torch.cat([frozen_logits(model, x, i, state) for i in range(f)], dim=1)
+    return torch.cat([finished_logits(model, x, f, state)
                       for x, _ in split.batches(args.eval_batch_size, device=device)])
 
 
@@ -177,22 +203,30 @@ def targets(y: Tensor, task: int, scenario: str, classes_per_task: int) -> Tenso
 
 @torch.no_grad()
 def evaluate(model: ContinualNet, split: datasets.Split, task: int, upto: int, args: argparse.Namespace,
-             state: State, device: torch.device, classes_per_task: int) -> tuple[float, float]:
+             state: State, device: torch.device, classes_per_task: int,
+             dist: Dist = SINGLE_PROCESS) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of `task` on a split, heads 0..upto in CIL.
 
-    The correct count and the per-batch loss sums (float64, batch by batch) add up on the device; the host reads
-    them once per split.
+    The correct count, the per-batch loss sums (float64, batch by batch) and the sample count add up on the
+    device; the host reads them once per split. Distributed: each rank evaluates its share of every batch
+    (every sample once over the ranks, datasets.Split.batches(complete=True)) and the three sums are all-reduced
+    once, so every rank returns the same numbers. The accuracy (integer counts) equals a single process's (the
+    eval-mode forward treats each sample alone); the loss may differ from it in float32's last bits (each batch's
+    loss is a float32 sum, over other samples; about 1e-7 relative).
     """
     model.eval()
-    sums, n = torch.zeros(2, dtype=torch.float64, device=device), 0
-    for x, y in split.batches(args.eval_batch_size, device=device):
+    sums, n = torch.zeros(3, dtype=torch.float64, device=device), 0
+    for x, y in split.batches(args.eval_batch_size, device=device, rank=dist.rank, world=dist.world, complete=True):
         x = x.contiguous(memory_format=memory_format(args))
         out = state.method.route(model, x, scenario_logits(model, x, task, upto, args.scenario, state,
                                                            trainable=upto + 1), upto)
         t = targets(y, task, args.scenario, classes_per_task)
-        sums += torch.stack([(out.argmax(1) == t).sum().double(), F.cross_entropy(out, t, reduction="sum").double()])
+        sums[:2] += torch.stack([(out.argmax(1) == t).sum().double(),
+                                 F.cross_entropy(out, t, reduction="sum").double()])
         n += y.numel()
-    correct, loss = sums.tolist()
+    sums[2] = n
+    dist.all_reduce(sums)
+    correct, loss, n = sums.tolist()
     return correct / n, loss / n
 
 
@@ -332,14 +366,14 @@ def task_loop(model: ContinualNet, bench: datasets.Benchmark, t: int, freezer: s
 
 
 def random_init_accuracy(bench: datasets.Benchmark, args: argparse.Namespace, seed: int,
-                         device: torch.device) -> list[float]:
+                         device: torch.device, dist: Dist = SINGLE_PROCESS) -> list[float]:
     """b_t: accuracy on task t of a freshly initialised model (heads 0..t in CIL)."""
     torch.manual_seed(seed + 1)
     fresh = build_model(args.arch, bench.input_shape, args.width).to(device, memory_format=memory_format(args))
     for _ in bench.tasks:
         fresh.add_head(bench.classes_per_task)
     empty = State(torch.zeros(fresh.num_neurons, dtype=torch.bool))
-    return [evaluate(fresh, task.test, t, t, args, empty, device, bench.classes_per_task)[0]
+    return [evaluate(fresh, task.test, t, t, args, empty, device, bench.classes_per_task, dist)[0]
             for t, task in enumerate(bench.tasks)]
 
 
@@ -349,7 +383,7 @@ PRUNE_RATES = tuple(range(0, 95, 5))
 
 @torch.no_grad()
 def pruning_curve(model: ContinualNet, bench: datasets.Benchmark, state: State, args: argparse.Namespace,
-                  device: torch.device) -> dict:
+                  device: torch.device, dist: Dist = SINGLE_PROCESS) -> dict:
     """Fig. 4: average accuracy over all tasks after pruning the backbone's weights globally by magnitude.
 
     At each rate the smallest |w| of every producer (Linear/Conv2d of model.layers; heads untouched) are zeroed,
@@ -369,7 +403,7 @@ def pruning_curve(model: ContinualNet, bench: datasets.Benchmark, state: State, 
             pruned[order[:round(rate / 100 * order.numel())]] = True
             for w, orig, cut in zip(weights, saved, pruned.split(sizes)):
                 w.copy_(orig.masked_fill(cut.view_as(orig), 0.0))
-            curve.append(float(np.mean([evaluate(model, bench.tasks[j].test, j, T - 1, args, state, device, c)[0]
+            curve.append(float(np.mean([evaluate(model, bench.tasks[j].test, j, T - 1, args, state, device, c, dist)[0]
                                         for j in range(T)])))
     finally:
         for w, orig in zip(weights, saved):
@@ -393,7 +427,7 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
                                    workers=args.workers)
     T, c = bench.num_tasks, bench.classes_per_task
     saved = load_checkpoint(checkpoint, args, seed) if args.resume and checkpoint and checkpoint.exists() else None
-    b = saved["random_init_accuracy"] if saved is not None else random_init_accuracy(bench, args, seed, device)
+    b = saved["random_init_accuracy"] if saved is not None else random_init_accuracy(bench, args, seed, device, dist)
     torch.manual_seed(seed)
     model = build_model(args.arch, bench.input_shape, args.width).to(device, memory_format=memory_format(args))
     n = model.num_neurons
@@ -401,12 +435,13 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
     gen = torch.Generator().manual_seed(seed)
     A = np.full((T, T), np.nan)
     silent, resets, epochs_run, t0, start = [], [], [], time.time(), 0
-    infer = (task_inference.Recorder(T, args.eval_batch_size, device)
+    infer = (task_inference.Recorder(T, args.eval_batch_size, device, dist.rank, dist.world,
+                                     dist.all_reduce if dist.world > 1 else None)
              if args.scenario == "class_il" and state.method.infers_tasks(args) else None)
 
     def test_accuracy(j: int, upto: int, row: int) -> float:
         """A[row, j]: task j's test accuracy over heads 0..upto, by --task-inference (every rule recorded)."""
-        acc = evaluate(model, bench.tasks[j].test, j, upto, args, state, device, c)[0]
+        acc = evaluate(model, bench.tasks[j].test, j, upto, args, state, device, c, dist)[0]
         if infer is None:
             return acc
         by_rule = infer.evaluate(model, state, bench.tasks[j].test, j, upto, row)
@@ -451,7 +486,7 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device,
         if dist.rank == 0:
             print(f"[seed {seed}] task {t + 1}/{T}: " + " ".join(f"{a:.4f}" for a in A[t, :t + 1]), flush=True)
     joint_diag = load_joint_diag(args.joint_results, seed, T) if args.joint_results else None
-    pruning = {"pruning": pruning_curve(model, bench, state, args, device)} if args.prune_analysis else {}
+    pruning = {"pruning": pruning_curve(model, bench, state, args, device, dist)} if args.prune_analysis else {}
     frozen = int(state.frozen.sum()) if state.method.freezes_neurons else None
     records = {"shapley": [], "method_records": [], state.method.records_key: state.method.records}
     if infer is not None:
