@@ -316,7 +316,7 @@ def train_phase(model: ContinualNet, bench: datasets.Benchmark, task: int, data_
                 raise FloatingPointError(f"non-finite loss (mean {train_loss}) in task {task + 1}, epoch {epoch}: "
                                          "lower --lr or check the data")
             dist.sync_buffers(model)
-            accs, losses = zip(*(evaluate(model, bench.tasks[j].val, j, task, args, state, device, c)
+            accs, losses = zip(*(evaluate(model, bench.tasks[j].val, j, task, args, state, device, c, dist)
                                  for j in data_tasks))
             val = sum(losses)
             if log is not None and dist.rank == 0:
