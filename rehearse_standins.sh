@@ -3,7 +3,7 @@
 # sizes and formats (datasets.write_standin, in a temporary folder that is deleted afterwards), each run end to
 # end through train.py on CPU in one process and under torchrun with 2 gloo ranks. Results: results/rehearsal/.
 # WIDTH=64 is full ResNet-18 width (one CIFAR task took ~7 min on 2 CPU cores, mostly the Shapley walk over
-# N = 4800 neurons); the committed results used WIDTH=8.
+# N = 4800 neurons). Usage: [WIDTH=8] bash rehearse_standins.sh [DATASET ...] (default: all three).
 set -euo pipefail
 cd "$(dirname "$0")"
 WIDTH=${WIDTH:-64}
@@ -18,7 +18,9 @@ D.write_standin('tinyimagenet', root, per_class=2)
 D.write_standin('imagenet1k', root, per_class=10, classes=20)"
 COMMON=(--num-tasks 2 --epochs 1 --mask-finetune-epochs 1 --max-permutations 2 --shapley-eval-batches 1
         --width "$WIDTH" --data-dir "$DATA" --device cpu --no-figures --overwrite --no-progress)
-for dataset in cifar100 tinyimagenet imagenet1k; do
+DATASETS=(cifar100 tinyimagenet imagenet1k)
+(($#)) && DATASETS=("$@")
+for dataset in "${DATASETS[@]}"; do
   out=results/rehearsal/${dataset}_w${WIDTH}
   python train.py --dataset "$dataset" "${COMMON[@]}" --out-dir "${out}_single" 2>&1 | tee "${out}_single.log"
   OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 2 train.py --dataset "$dataset" \
