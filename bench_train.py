@@ -120,36 +120,43 @@ def in_memory_splits(root: Path, ds) -> dict[str, object]:
                                           torch.arange(20000), torch.zeros(20000, dtype=torch.int64)), 10)}
 
 
-def pipeline_pass(split, batch: int, device: torch.device, max_batches: int) -> dict:
-    """One shuffled, augmented pass over at most `max_batches` batches of `split`: the seconds until the first
-    batch (DataLoader start-up included) and the steady rate over the batches after it (measured)."""
+def pipeline_pass(split, batch: int, device: torch.device, max_batches: int | None) -> dict:
+    """One shuffled, augmented pass over `split`, at most `max_batches` batches (None: the whole pass): the seconds
+    until the first batch and the rate, measured. A whole pass's rate counts every batch (an in-memory split
+    prepares consecutive batches without augmentation together, before the first one is yielded); a bounded
+    pass's rate counts the batches after the first (the DataLoader's worker start-up excluded)."""
     gen = torch.Generator().manual_seed(0)
     sync(device)
     start = time.perf_counter()
-    first, images = 0.0, 0
+    first, images, first_images = 0.0, 0, 0
     for i, (x, _) in enumerate(split.batches(batch, shuffle=True, generator=gen, augment=True, device=device)):
         sync(device)
         if i == 0:
-            first = time.perf_counter()
+            first, first_images = time.perf_counter(), len(x)
         else:
             images += len(x)
         if i + 1 == max_batches:
             break
-    seconds = time.perf_counter() - first
-    return {"batch": batch, "first_batch_s": first - start, "images": images, "seconds": seconds,
-            "images_per_s": images / seconds}
+    end = time.perf_counter()
+    if max_batches is None:
+        images, seconds = images + first_images, end - start
+    else:
+        seconds = end - first
+    return {"batch": batch, "first_batch_s": first - start, "whole_pass": max_batches is None, "images": images,
+            "seconds": seconds, "images_per_s": images / seconds}
 
 
 def pipelines(root: Path, imagenet: object, imagenet_batch: int, device: torch.device, max_batches: int) -> dict:
-    """Images/s of the data pipelines alone (measured): in-memory splits (at least 2000 images each, so that
-    batch 10 is timed over 200 batches) and the ImageNet DataLoader (`max_batches`)."""
-    out = {name: pipeline_pass(split, batch, device, max(max_batches, 2000 // batch))
+    """Images/s of the data pipelines alone (measured): whole passes over the in-memory splits and `max_batches`
+    batches of the ImageNet DataLoader."""
+    out = {name: pipeline_pass(split, batch, device, None)
            for name, (split, batch) in in_memory_splits(root, datasets).items()}
     out["imagenet_loader"] = {**pipeline_pass(imagenet, imagenet_batch, device, max_batches),
                               "workers": imagenet.source.workers}
     for name, r in out.items():
-        print(f"  pipeline {name:24s} {r['images_per_s']:9.1f} images/s  ({r['images']} images in {r['seconds']:.2f} s "
-              f"after a first batch at {r['first_batch_s']:.2f} s)", flush=True)
+        print(f"  pipeline {name:24s} {r['images_per_s']:9.1f} images/s  ({r['images']} images in {r['seconds']:.2f} s"
+              f"{'' if r['whole_pass'] else ' after the first batch'}; first batch at {r['first_batch_s']:.2f} s)",
+              flush=True)
     return out
 
 
@@ -214,23 +221,23 @@ def masked_steps(split, freezer_cls: type, device: torch.device, steps: int) -> 
 def before_after(root: Path, device: torch.device, rounds: int, max_batches: int, imagenet_batch: int,
                  mlp_steps: int) -> dict | None:
     """Before (BEFORE_COMMIT's datasets.py) vs after, interleaved in one process: the fastest of `rounds` each
-    (the least disturbed by other load on the machine) and their ratio. Pipelines: seconds after the first batch
-    (the same images for both); their first-batch seconds (start-up) are recorded too."""
+    (the least disturbed by other load on the machine) and their ratio. Pipelines as in `pipeline_pass` (the same
+    images for both): a whole in-memory pass; the DataLoader after its first batch, whose seconds are recorded."""
     before, core_before = load_before("datasets"), load_before("snv_core")
     if before is None or core_before is None:
         return None
     old, new = in_memory_splits(root, before), in_memory_splits(root, datasets)
     old_imagenet = before.get_benchmark("imagenet1k", 1, seed=0, data_dir=str(root)).tasks[0].train
     new_imagenet = datasets.get_benchmark("imagenet1k", 1, seed=0, data_dir=str(root)).tasks[0].train
-    def pipeline(split, batch: int) -> Callable[[], dict]:
-        return lambda: pipeline_pass(split, batch, device, max_batches)
+    def pipeline(split, batch: int, limit: int | None) -> Callable[[], dict]:
+        return lambda: pipeline_pass(split, batch, device, limit)
 
     def whole(run: Callable[[], None]) -> Callable[[], dict]:
         return lambda: {"seconds": timed(device, run)}
 
     cases = {
-        "in_memory_cifar100 pipeline": [pipeline(s["in_memory_cifar100"][0], 64) for s in (old, new)],
-        "imagenet folder pipeline": [pipeline(s, imagenet_batch) for s in (old_imagenet, new_imagenet)],
+        "in_memory_cifar100 pipeline": [pipeline(s["in_memory_cifar100"][0], 64, None) for s in (old, new)],
+        "imagenet folder pipeline": [pipeline(s, imagenet_batch, max_batches) for s in (old_imagenet, new_imagenet)],
         TRAIN_STEP: [whole(masked_steps(s["in_memory_pmnist"][0], core.Freezer, device, mlp_steps)[0])
                      for s, core in ((old, core_before), (new, snv_core))],
     }

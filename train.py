@@ -918,6 +918,8 @@ def main(argv: list[str] | None = None) -> int:
         if dist.rank == 0:
             write_json(out / "summary.json", summarize(results))
             print(f"results in {out}")
+        if dist.world > 1:
+            torch.distributed.barrier()  # no rank tears gloo down while another still uses it (an abort at exit)
         return 0
     except (UsageError, datasets.DataError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
