@@ -632,9 +632,21 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo where it exists), for telling machines apart in results."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return platform.processor() or "unknown"
+
+
 def machine() -> dict:
+    """Where a result was computed. The same seed and code give other float results on another CPU or kernel
+    (vector width, library code paths), so the CPU model and torch's CPU capability are recorded too."""
     return {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+            "torch": torch.__version__, "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
 @functools.cache
