@@ -663,8 +663,9 @@ def task_inference_table(res: Results) -> str:
         if not m.task_inference:
             continue
         exp = res.get(compare_folder("class_il", name + TASK_INFERENCE_SUFFIX), method=name, scenario="class_il")
-        if name == "eidetic":
-            rows.append((f"{m.label} (with its replay-trained router)", exp))
+        if name == "eidetic":  # the method comparison's run: training as here, the router's accuracy matrix
+            rows.append((f"{m.label} (with its replay-trained router)",
+                         res.get(compare_folder("class_il", name), method=name, scenario="class_il")))
         rows += rule_rows(f"{m.label} (subnetworks only)" if name == "eidetic" else m.label, exp)
     rows.append((METHODS["joint"].label, res.get(compare_folder("class_il", "joint"), method="joint")))
     return task_id_table("Class-incremental without replay: task inference from the frozen subnetworks", rows,
