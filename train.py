@@ -7,6 +7,7 @@ every task seen so far is re-evaluated; task t+1 is evaluated (fresh head) befor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -20,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -118,14 +119,23 @@ def task_logits(model: ContinualNet, x: Tensor, task: int, state: State) -> Tens
     return state.method.forward(model, x, task)
 
 
-def frozen_logits(model: ContinualNet, x: Tensor, task: int, state: State) -> Tensor:
-    """Logits of a finished task's subnetwork: a constant function, run without gradient in eval mode."""
+@contextlib.contextmanager
+def frozen_function(model: ContinualNet) -> Iterator[None]:
+    """Within the block the model runs in eval mode without gradient (a finished subnetwork is a constant
+    function); its train/eval mode is restored afterwards."""
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        out = task_logits(model, x, task, state)
-    model.train(was_training)
-    return out
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def frozen_logits(model: ContinualNet, x: Tensor, task: int, state: State) -> Tensor:
+    """Logits of a finished task's subnetwork: a constant function, run without gradient in eval mode."""
+    with frozen_function(model):
+        return task_logits(model, x, task, state)
 
 
 STACKED_ROWS = 512
@@ -145,11 +155,8 @@ def finished_logits(model: ContinualNet, x: Tensor, f: int, state: State) -> Ten
     if state.method.per_task or type(state.method).forward is not baselines.Method.forward:
         return torch.cat([frozen_logits(model, x, i, state) for i in range(f)], dim=1)
     keep, const = (torch.stack(v) for v in zip(*state.subnets[:f]))
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with frozen_function(model):
         out = task_inference.stacked_logits(model, x, keep, const, range(f), STACKED_ROWS)
-    model.train(was_training)
     return out.transpose(0, 1).flatten(1)
 
 
