@@ -495,6 +495,9 @@ class SNV(Method):
         Flag("--selection", dict(choices=("global", "per-layer"), default="global",
                                  help="snv: S_t = the top k over the whole network (the paper) or per layer, k split "
                                       "across layers in proportion to their sizes")),
+        Flag("--candidates", dict(choices=("all", "free"), default="all",
+                                  help="snv: S_t is picked among every neuron, B_{t-1} included (the paper), or only "
+                                       "among neurons not yet in B_{t-1}, so that each task adds k new neurons")),
         Flag("--reuse", dict(choices=("on", "off"), default="on",
                              help="snv, masked: task t's subnetwork is B_{t-1} u S_t (on) or S_t alone (off); B_t "
                                   "grows the same either way")),
@@ -532,8 +535,9 @@ class SNV(Method):
         v = snv_core.MaskedAccuracy(model, t, x, y, mu, impl=args.shapley_impl, memory_gb=args.shapley_memory_gb)
         res = score(args.importance, ScoreInput(model, t, x, y, mu, k, v, seed=self.seed * 1000 + t, args=args,
                                                 rank=loop.rank, world=loop.world, all_reduce=loop.all_reduce))
-        selected = (snv_core.top_k(res.phi, k) if args.selection == "global"
-                    else snv_core.top_k_per_layer(res.phi, k, model.layer_sizes))
+        phi = res.phi if args.candidates == "all" else snv_core.outside(res.phi, state.frozen.to(res.phi.device))
+        selected = (snv_core.top_k(phi, k) if args.selection == "global"
+                    else snv_core.top_k_per_layer(phi, k, model.layer_sizes))
         record = {**res.cost(), "k": k, "selected": int(selected.sum()),
                   "newly_frozen": int((selected & ~state.frozen).sum()),
                   "v_full": float(v(torch.ones(1, n, dtype=torch.bool))[0]),

@@ -557,10 +557,13 @@ ABLATIONS = (
      (("task_il", "snv-perlayer", "TIL per-layer"),)),
     ("Training through the mask after selection (the default: 1 epoch at 5 epochs per task)",
      (("task_il", "snv-mft0", "TIL 0 epochs"), ("task_il", "snv-mft3", "TIL 3 epochs"),
-      ("task_il", "snv-mft5", "TIL 5 epochs"))),
+      ("task_il", "snv-mft5", "TIL 5 epochs"), ("task_il", "snv-mft10", "TIL 10 epochs"))),
     ("Capacity c (the default 0.1 = 1/T)", (("task_il", "snv-c0.05", "TIL c = 0.05"), ("task_il", "snv-c0.2", "TIL c = 0.2"))),
     ("Reuse: task t's subnetwork B_{t-1} u S_t (the default) or S_t alone",
      (("task_il", "snv-noreuse", "TIL S_t alone"),)),
+    ("Candidates: S_t among every neuron (the paper) or only among neurons not yet in B_{t-1}",
+     (("task_il", "snv-free", "TIL free only"),
+      ("task_il", "snv-free-mft5", "TIL free only + 5 mask epochs"))),
 )
 """The SNV ablations of run_experiments_compare.txt: (question, rows (scenario, folder name, label)); each row is
 compared with the default SNV row of its scenario, seed by seed."""
@@ -586,6 +589,52 @@ def paired_difference(exp: Experiment | None, default: Experiment | None, key: s
     mean, std = stats(diffs)
     spread = f" ± {number(key, std)}" if len(diffs) > 1 else ""
     return f"{number(key, mean, signed=True)}{spread} (n={len(diffs)})"
+
+
+RUN_BOOKKEEPING = ("out_dir", "seeds", "joint_results", "prune_analysis", "resume", "data_dir")
+"""Arguments that say where a run writes or what it records besides, never what it computes."""
+
+
+def changed_flags(exp: Experiment, default: Experiment) -> str:
+    """The settings in which `exp` differs from `default`, as CLI flags ('--mask-finetune-epochs 5'); arguments
+    one of them lacks (older runs) and RUN_BOOKKEEPING are left out."""
+    mine, base = exp.args, default.args
+    return " ".join(f"--{k.replace('_', '-')} {mine[k]}" for k in sorted(mine)
+                    if k in base and k not in RUN_BOOKKEEPING and mine[k] != base[k])
+
+
+def best_til_variant(res: Results) -> tuple[str, Experiment] | None:
+    """The TIL SNV run of highest mean ACC among the default and its ablation variants that ran every seed of the
+    default with BWT exactly 0 on each: (its flags, the run); None without a default TIL run."""
+    default = res.get(compare_folder("task_il", "snv"), scenario="task_il", method="snv")
+    if default is None:
+        return None
+    seeds = {r["seed"] for r in default.runs}
+    found = [res.get(compare_folder(s, name), scenario=s, method="snv")
+             for _, rows in ABLATIONS for s, name, _ in rows if s == "task_il"]
+    eligible = [e for e in [default, *found] if e is not None and seeds <= {r["seed"] for r in e.runs}
+                and all(r["metrics"].get("BWT") == 0.0 for r in e.runs)]
+    best = max(eligible, key=lambda e: float(np.mean(e.values("ACC"))), default=default)
+    return changed_flags(best, default) or "the default", best
+
+
+def readings_table(res: Results) -> str:
+    """TIL: the paper-literal dense SNV, the masked default and the best variant with BWT 0, next to PackNet and
+    joint."""
+    default = res.get(compare_folder("task_il", "snv"), scenario="task_il", method="snv")
+    joint = res.get(compare_folder("task_il", "joint"), scenario="task_il")
+    best = best_til_variant(res)
+    rows = [("SNV, paper-literal (--inference dense)", res.get(compare_folder("task_il", "snv-dense"),
+                                                               scenario="task_il", method="snv")),
+            ("SNV, masked (the default)", default),
+            (f"SNV, best with BWT 0 ({best[0]})" if best else "SNV, best with BWT 0", best[1] if best else None),
+            (METHODS["packnet"].label, res.get(compare_folder("task_il", "packnet"), scenario="task_il")),
+            (METHODS["joint"].label, joint)]
+    note = ("Best with BWT 0: the highest mean ACC among the default and its TIL ablation variants below that ran "
+            "every seed of the default with BWT exactly 0 on each. It is chosen on these test accuracies, so it is "
+            "a selection, not a held-out result. Intransigence: against the joint run of the same seed.")
+    return runs_table("PMNIST, 10 tasks, TIL: SNV's readings against PackNet and joint (ours only)",
+                      [(label, with_intransigence(e, joint)) for label, e in rows], note)
 
 
 def ablation_tables(res: Results) -> str:
@@ -688,6 +737,7 @@ def compare_section(root: Path) -> str:
         note += " Intransigence: against the joint run of the same seed." if note else ""
         parts.append(runs_table(f"PMNIST, 10 tasks, {SHORT[scenario]}: every method (ours only)", exps, note))
     parts.append(importance_table(res, root))
+    parts.append(readings_table(res))
     parts.append(ablation_tables(res))
     parts.append(task_inference_table(res))
     if res.warnings:
@@ -764,6 +814,27 @@ def pruning_figure(res: Results, path: Path) -> bool:
     return bool(curves)
 
 
+SELECTION_RULES = (("global top k (the paper)", "snv"), ("per-layer quotas", "snv-perlayer"))
+"""The TIL comparison runs whose frozen fraction per layer frozen_by_rule_figure draws: (title, folder name)."""
+
+
+def frozen_by_rule_figure(res: Results, path: Path) -> bool:
+    """The frozen fraction of each layer after each task, mean over seeds, global top-k against per-layer quotas;
+    False if neither run exists."""
+    series, names = {}, None
+    for title, name in SELECTION_RULES:
+        exp = res.get(compare_folder("task_il", name), scenario="task_il", method="snv")
+        if exp is None:
+            continue
+        names = exp.runs[0]["layer_names"]
+        frac = [[[f / n for f, n in zip(entry["frozen_per_layer"], r["layer_sizes"])] for entry in r["shapley"]]
+                for r in exp.runs]
+        series[f"{title}, n={exp.n}"] = np.mean(frac, axis=0)
+    if series:
+        utils.plot_frozen_by_rule(series, names, path)
+    return bool(series)
+
+
 def figures(results: Path, out: Path) -> list[Path]:
     """Every figure of the full tree into `out`, of results/quick into `out`/quick; returns the paths written."""
     written: list[Path] = []
@@ -778,6 +849,9 @@ def figures(results: Path, out: Path) -> list[Path]:
             written.append(dest / "capacity_sweep.png")
         if pruning_figure(res, dest / "pruning_curves.png"):
             written.append(dest / "pruning_curves.png")
+    path = out / "compare" / "frozen_per_layer_by_selection.png"
+    if (results / "compare").is_dir() and frozen_by_rule_figure(Results(find_experiments(results / "compare")), path):
+        written.append(path)
     return written
 
 

@@ -705,6 +705,11 @@ def top_k(phi: Tensor, k: int) -> Tensor:
     return mask
 
 
+def outside(phi: Tensor, frozen: Tensor) -> Tensor:
+    """phi with the members of B_{t-1} ranked last (-inf): top-k of it picks new neurons while any are free. [N]"""
+    return phi.masked_fill(frozen, float("-inf"))
+
+
 def layer_quotas(k: int, sizes: list[int]) -> list[int]:
     """k split across layers in proportion to their sizes n_l (largest remainders, ties to the earlier layer)."""
     n = sum(sizes)

@@ -266,6 +266,18 @@ def test_plot_capacity(tmp_path: Path) -> None:
     assert plt.get_fignums() == []
 
 
+def test_plot_frozen_by_rule(tmp_path: Path) -> None:
+    frac = np.array([[0.1, 0.1], [0.3, 0.2], [0.6, 0.3]])
+    path = tmp_path / "rules.png"
+    utils.plot_frozen_by_rule({"global": frac, "per-layer": frac[:, ::-1]}, ["fc1", "fc2"], path)
+    _assert_png(path)
+    with pytest.raises(ValueError, match=r"shape \[T, 3\]"):
+        utils.plot_frozen_by_rule({"global": frac}, ["fc1", "fc2", "fc3"], path)
+    with pytest.raises(ValueError, match="at least one"):
+        utils.plot_frozen_by_rule({}, ["fc1"], path)
+    assert plt.get_fignums() == []
+
+
 def test_plot_run(tmp_path: Path) -> None:
     result = {
         "accuracy_matrix": [[0.8, 0.1, None], [0.9, 0.7, 0.2], [0.6, 0.5, 0.9]],

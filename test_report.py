@@ -176,6 +176,9 @@ def test_report_cli_and_figures(tree: Path, tmp_path: Path) -> None:
                  "cifar100/snv_task_il_T10/seed42/shapley_heatmap.png", "capacity_sweep.png", "pruning_curves.png",
                  "quick/cifar100/snv_task_il_T10/seed42/accuracy_matrix.png"):
         assert (figs / name).is_file(), name
+    write_runs(tree / "compare" / "baselines" / "pmnist_task_il_snv", [fake_run(42, 0.9, dataset="pmnist")])
+    assert report.main(["--results", str(tree), "--figures", "--figures-dir", str(figs)]) == 0
+    assert (figs / "compare" / "frozen_per_layer_by_selection.png").is_file()
 
 
 def test_report_empty_tree(tmp_path: Path) -> None:
@@ -491,6 +494,31 @@ def test_ablation_tables_pair_each_variant_with_the_default_of_the_same_seed(tmp
     two = [fake_run(s, a, dataset="pmnist", sparsity=0.2) for s, a in ((42, 0.95), (43, 0.70))]
     diff = report.paired_difference(report.Experiment("x", two), report.load_experiment(base / "pmnist_task_il_snv", "d"))
     assert diff == "-2.50 ± 7.50 (n=2)"  # +5 and -10 points: the spread is unsigned
+
+
+def test_best_til_variant_needs_every_seed_of_the_default_and_zero_bwt(tmp_path: Path) -> None:
+    base = tmp_path / "compare" / "baselines"
+
+    def runs(acc: float, seeds=(42, 43), bwt: float = 0.0, **args) -> list[dict]:
+        out = [fake_run(s, acc, dataset="pmnist") for s in seeds]
+        for r in out:
+            r["args"].update({"mask_finetune_epochs": 1, "out_dir": "x", **args})
+            r["metrics"]["BWT"] = bwt if r["seed"] == 43 else 0.0
+        return out
+
+    write_runs(base / "pmnist_task_il_snv", runs(0.90))
+    res = report.Results(report.find_experiments(tmp_path / "compare"))
+    assert report.best_til_variant(res)[0] == "the default"
+    write_runs(base / "pmnist_task_il_snv-mft5", runs(0.95, mask_finetune_epochs=5, out_dir="y"))
+    write_runs(base / "pmnist_task_il_snv-mft10", runs(0.99, seeds=(42,), mask_finetune_epochs=10))  # seed 43 missing
+    write_runs(base / "pmnist_task_il_snv-c0.2", runs(0.99, bwt=-0.01, sparsity=0.2))  # forgets on seed 43
+    write_runs(base / "pmnist_task_il_snv-dense", runs(0.50, bwt=-0.4, inference="dense"))
+    res = report.Results(report.find_experiments(tmp_path / "compare"))
+    flags, best = report.best_til_variant(res)
+    assert flags == "--mask-finetune-epochs 5" and best.folder.endswith("snv-mft5")
+    table = report.readings_table(res)
+    assert "| SNV, best with BWT 0 (--mask-finetune-epochs 5) | 95.00 ± 0.00 |" in table
+    assert "| SNV, paper-literal (--inference dense) | 50.00 ± 0.00 |" in table
 
 
 FAKE_TRAIN = '''

@@ -184,13 +184,15 @@ def test_per_layer_selection_splits_k_in_proportion_to_layer_sizes():
     assert snv_core.top_k(phi, 5).nonzero().squeeze(1).tolist() == [0, 1, 2, 8, 9]  # global: the other layers' best
 
 
-@pytest.mark.parametrize("flags", [("--selection", "per-layer"), ("--reuse", "off")])
+@pytest.mark.parametrize("flags", [("--selection", "per-layer"), ("--reuse", "off"), ("--candidates", "free")])
 def test_selection_and_reuse_variants_run_and_do_what_they_say(tmp_path, flags):
     assert train.main(synthetic_args(tmp_path, "--width", "12", *flags)) == 0
     data = json.loads((tmp_path / "out" / "seed0.json").read_text())
     k = data["shapley"][0]["k"]
     if flags[1] == "per-layer":
         assert all(r["selected_per_layer"] == snv_core.layer_quotas(k, data["layer_sizes"]) for r in data["shapley"])
+    elif flags[1] == "free":  # 3 tasks x k = N: every task adds k new neurons and the network ends full
+        assert [r["newly_frozen"] for r in data["shapley"]] == [k] * 3 and data["metrics"]["CAP"] == 1.0
     else:
         assert data["metrics"]["BWT"] == 0.0  # each task runs through its own S_t, still frozen in B_t
         args = train.resolve_args(train.build_parser().parse_args(synthetic_args(tmp_path / "hook", "--width", "12",
@@ -199,6 +201,13 @@ def test_selection_and_reuse_variants_run_and_do_what_they_say(tmp_path, flags):
         train.run_seed(args, 0, torch.device("cpu"), on_task_end=lambda t, model, state: sizes.append(
             (int(state.subnets[t][0].sum()), int(state.frozen.sum()))))
         assert [m for m, _ in sizes] == [k] * 3 and sizes[-1][1] > k  # S_t alone, while B_t grows
+
+
+def test_outside_ranks_frozen_neurons_last_so_top_k_picks_free_ones_first():
+    phi = torch.tensor([0.9, 0.1, 0.8, 0.3, 0.2])
+    frozen = torch.tensor([True, False, True, False, False])
+    assert snv_core.top_k(snv_core.outside(phi, frozen), 2).tolist() == [False, False, False, True, True]
+    assert snv_core.top_k(snv_core.outside(phi, frozen), 4).tolist() == [True, True, False, True, True]  # 3 free
 
 
 def test_neuron_counts_match_the_paper():
@@ -503,6 +512,16 @@ def test_old_task_logits_are_bit_identical_in_til(tmp_path, arch, opt, wd):
     assert all(float(r.std(0).min()) > 0 for r in rec.recorded.values())
     A = result["accuracy_matrix"]
     assert all(A[2][j] == A[j][j] for j in range(3)) and result["metrics"]["BWT"] == 0.0
+
+
+def test_free_candidates_with_long_mask_training_keep_old_task_logits_bit_identical(tmp_path):
+    args = train.resolve_args(train.build_parser().parse_args(synthetic_args(
+        tmp_path, "--width", "16", "--candidates", "free", "--mask-finetune-epochs", "3")))
+    rec = LogitRecorder(train.datasets.get_benchmark("synthetic", args.num_tasks, 0, None))
+    result = train.run_seed(args, 0, torch.device("cpu"), on_task_end=rec)
+    assert len(rec.recorded) == 3 and not rec.mismatches and rec.dense_changed  # the network kept training
+    assert result["metrics"]["BWT"] == 0.0
+    assert [r["newly_frozen"] for r in result["shapley"]] == [result["shapley"][0]["k"]] * 3
 
 
 def test_run_records_each_tasks_silent_units_on_its_validation_data(tmp_path):

@@ -221,6 +221,37 @@ def plot_capacity(
     _save(fig, path)
 
 
+def plot_frozen_by_rule(
+    series: Mapping[str, np.ndarray],
+    layer_names: Sequence[str],
+    path: str | Path,
+) -> None:
+    """Fraction of each layer frozen after each task, one panel per selection rule, on shared axes.
+
+    ``series[label]`` is a [T, L] array of fractions in [0, 1] (e.g. the mean over seeds).
+    """
+    if not series:
+        raise ValueError("plot_frozen_by_rule needs at least one series")
+    for label, frac in series.items():
+        if np.ndim(frac) != 2 or np.shape(frac)[1] != len(layer_names):
+            raise ValueError(f"{label}: frozen fractions must have shape [T, {len(layer_names)}], got {np.shape(frac)}")
+    fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 4.2), sharey=True, squeeze=False)
+    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.95, len(layer_names)))
+    for ax, (label, frac) in zip(axes[0], series.items()):
+        tasks = np.arange(1, len(frac) + 1)
+        for layer, name in enumerate(layer_names):
+            ax.plot(tasks, np.asarray(frac)[:, layer], color=colours[layer], marker=".", label=name)
+        ax.set_xticks(tasks[_tick_positions(len(tasks))])
+        ax.set_xlabel("after training task")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_title(label)
+    axes[0][0].set_ylabel("fraction of the layer frozen")
+    axes[0][-1].legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _nested_to_matrix(rows: Sequence[Sequence[float | None]]) -> np.ndarray:
     """Convert a (possibly ragged) nested list with None entries to a square float array padded with NaN."""
     n = max(len(rows), max((len(r) for r in rows), default=0))
