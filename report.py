@@ -564,7 +564,8 @@ ABLATIONS = (
     ("Candidates: S_t among every neuron (the paper) or only among neurons not yet in B_{t-1}",
      (("task_il", "snv-free", "TIL free only"),
       ("task_il", "snv-free-mft5", "TIL free only + 5 mask epochs"),
-      ("task_il", "snv-free-mft10", "TIL free only + 10 mask epochs"))),
+      ("task_il", "snv-free-mft10", "TIL free only + 10 mask epochs"),
+      ("task_il", "snv-free-perlayer-mft10", "TIL free only per layer + 10 mask epochs"))),
 )
 """The SNV ablations of run_experiments_compare.txt: (question, rows (scenario, folder name, label)); each row is
 compared with the default SNV row of its scenario, seed by seed."""
