@@ -565,7 +565,8 @@ ABLATIONS = (
      (("task_il", "snv-free", "TIL free only"),
       ("task_il", "snv-free-mft5", "TIL free only + 5 mask epochs"),
       ("task_il", "snv-free-mft10", "TIL free only + 10 mask epochs"),
-      ("task_il", "snv-free-perlayer-mft10", "TIL free only per layer + 10 mask epochs"))),
+      ("task_il", "snv-free-perlayer-mft10", "TIL free only per layer + 10 mask epochs"),
+      ("task_il", "snv-free-perlayer-mft10-noreuse", "TIL free only per layer + 10 mask epochs, S_t alone"))),
 )
 """The SNV ablations of run_experiments_compare.txt: (question, rows (scenario, folder name, label)); each row is
 compared with the default SNV row of its scenario, seed by seed."""
@@ -816,7 +817,9 @@ def pruning_figure(res: Results, path: Path) -> bool:
     return bool(curves)
 
 
-SELECTION_RULES = (("global top k (the paper)", "snv"), ("per-layer quotas", "snv-perlayer"))
+SELECTION_RULES = (("global top k (the paper)", "snv"), ("per-layer quotas", "snv-perlayer"),
+                   ("global, free candidates, 10 mask epochs", "snv-free-mft10"),
+                   ("per-layer, free candidates, 10 mask epochs", "snv-free-perlayer-mft10"))
 """The TIL comparison runs whose frozen fraction per layer frozen_by_rule_figure draws: (title, folder name)."""
 
 
