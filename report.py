@@ -643,8 +643,9 @@ def readings_table(res: Results) -> str:
 def ablation_tables(res: Results) -> str:
     """One table per SNV ablation question: the default SNV rows, each variant, and its paired ACC difference."""
     parts = ["### SNV ablations on PMNIST (comparison protocol; ours only)",
-             "Each variant changes one setting of the SNV row; Δ ACC is the variant minus the default SNV run of the "
-             "same seed (mean ± std over the seeds both ran). Frozen per layer: the share of each layer in B_T."]
+             "Each variant changes the settings its label names (one, except in the last table's combinations); "
+             "Δ ACC is the variant minus the default SNV run of the same seed (mean ± std over the seeds both ran). "
+             "Frozen per layer: the share of each layer in B_T."]
     for question, rows in ABLATIONS:
         scenarios = sorted({s for s, _, _ in rows}, key=SCENARIOS.index)
         defaults = {s: res.get(compare_folder(s, "snv"), scenario=s, method="snv") for s in scenarios}
