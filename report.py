@@ -601,9 +601,12 @@ RUN_BOOKKEEPING = ("out_dir", "seeds", "joint_results", "prune_analysis", "resum
 
 
 def changed_flags(exp: Experiment, default: Experiment) -> str:
-    """The settings in which `exp` differs from `default`, as CLI flags ('--mask-finetune-epochs 5'); arguments
-    one of them lacks (older runs) and RUN_BOOKKEEPING are left out."""
-    mine, base = exp.args, default.args
+    """The settings in which `exp` differs from `default`, as CLI flags ('--mask-finetune-epochs 5'). A method
+    flag that `default` predates counts at its registered default; RUN_BOOKKEEPING and other arguments one of
+    them lacks are left out."""
+    method = METHODS[exp.args["method"]]
+    base = {f.dest: f.kwargs.get("default") for f in method.flags} | default.args
+    mine = exp.args
     return " ".join(f"--{k.replace('_', '-')} {mine[k]}" for k in sorted(mine)
                     if k in base and k not in RUN_BOOKKEEPING and mine[k] != base[k])
 
