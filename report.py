@@ -568,7 +568,8 @@ ABLATIONS = (
       ("task_il", "snv-free-perlayer-mft10", "TIL free only per layer + 10 mask epochs"),
       ("task_il", "snv-free-perlayer-mft10-noreuse", "TIL free only per layer + 10 mask epochs, S_t alone"),
       ("task_il", "snv-free-perlayer-mft10-noreuse-reset",
-       "TIL free only per layer + 10 mask epochs, S_t alone, plastic neurons re-initialised"))),
+       "TIL free only per layer + 10 mask epochs, S_t alone, plastic neurons re-initialised"),
+      ("task_il", "snv-free-perlayer-mft10-reset", "TIL free only per layer + 10 mask epochs, plastic neurons re-initialised"))),
 )
 """The SNV ablations of run_experiments_compare.txt: (question, rows (scenario, folder name, label)); each row is
 compared with the default SNV row of its scenario, seed by seed."""
