@@ -513,6 +513,11 @@ def compare_folder(scenario: str, name: str) -> str:
     return f"baselines/pmnist_{scenario}_{name}"
 
 
+def compare_snv(res: Results, scenario: str, name: str) -> Experiment | None:
+    """The comparison's SNV run in folder compare_folder(scenario, name) (the default SNV row or a variant)."""
+    return res.get(compare_folder(scenario, name), scenario=scenario, method="snv")
+
+
 PROTOCOL_KEYS = ("num_tasks", "arch", "epochs", "batch_size", "lr", "optimizer", "max_permutations",
                  "shapley_eval_batches")
 """The settings protocol_line reports by default."""
@@ -576,10 +581,14 @@ compared with the default SNV row of its scenario, seed by seed."""
 ABLATION_METRICS = ("ACC", "BWT", "AF", "FWT", "CAP")
 
 
+def frozen_fractions(run: dict) -> list[list[float]]:
+    """[T, L]: the share of each layer in B_t after each task t, from a run's SNV records."""
+    return [[f / n for f, n in zip(entry["frozen_per_layer"], run["layer_sizes"])] for entry in run["shapley"]]
+
+
 def frozen_per_layer(exp: Experiment | None) -> str:
     """The mean share of each layer frozen after the last task, in %, e.g. '100/98/40/14' (— without SNV records)."""
-    rows = [[f / n for f, n in zip(r["shapley"][-1]["frozen_per_layer"], r["layer_sizes"])]
-            for r in (exp.runs if exp else []) if r.get("shapley")]
+    rows = [frozen_fractions(r)[-1] for r in (exp.runs if exp else []) if r.get("shapley")]
     return "/".join(f"{100 * v:.0f}" for v in np.mean(rows, axis=0)) if rows else NONE
 
 
@@ -615,11 +624,11 @@ def changed_flags(exp: Experiment, default: Experiment) -> str:
 def best_til_variant(res: Results) -> tuple[str, Experiment] | None:
     """The TIL SNV run of highest mean ACC among the default and its ablation variants that ran every seed of the
     default with BWT exactly 0 on each: (its flags, the run); None without a default TIL run."""
-    default = res.get(compare_folder("task_il", "snv"), scenario="task_il", method="snv")
+    default = compare_snv(res, "task_il", "snv")
     if default is None:
         return None
     seeds = {r["seed"] for r in default.runs}
-    found = [res.get(compare_folder(s, name), scenario=s, method="snv")
+    found = [compare_snv(res, s, name)
              for _, rows in ABLATIONS for s, name, _ in rows if s == "task_il"]
     eligible = [e for e in [default, *found] if e is not None and seeds <= {r["seed"] for r in e.runs}
                 and all(r["metrics"].get("BWT") == 0.0 for r in e.runs)]
@@ -630,11 +639,10 @@ def best_til_variant(res: Results) -> tuple[str, Experiment] | None:
 def readings_table(res: Results) -> str:
     """TIL: the paper-literal dense SNV, the masked default and the best variant with BWT 0, next to PackNet and
     joint."""
-    default = res.get(compare_folder("task_il", "snv"), scenario="task_il", method="snv")
+    default = compare_snv(res, "task_il", "snv")
     joint = res.get(compare_folder("task_il", "joint"), scenario="task_il")
     best = best_til_variant(res)
-    rows = [("SNV, paper-literal (--inference dense)", res.get(compare_folder("task_il", "snv-dense"),
-                                                               scenario="task_il", method="snv")),
+    rows = [("SNV, paper-literal (--inference dense)", compare_snv(res, "task_il", "snv-dense")),
             ("SNV, masked (the default)", default),
             (f"SNV, best with BWT 0 ({best[0]})" if best else "SNV, best with BWT 0", best[1] if best else None),
             (METHODS["packnet"].label, res.get(compare_folder("task_il", "packnet"), scenario="task_il")),
@@ -654,9 +662,9 @@ def ablation_tables(res: Results) -> str:
              "Frozen per layer: the share of each layer in B_T."]
     for question, rows in ABLATIONS:
         scenarios = sorted({s for s, _, _ in rows}, key=SCENARIOS.index)
-        defaults = {s: res.get(compare_folder(s, "snv"), scenario=s, method="snv") for s in scenarios}
+        defaults = {s: compare_snv(res, s, "snv") for s in scenarios}
         exps = [(f"{SHORT[s]} default", defaults[s], defaults[s]) for s in scenarios] + [
-            (label, res.get(compare_folder(s, name), scenario=s, method="snv"), defaults[s]) for s, name, label in rows]
+            (label, compare_snv(res, s, name), defaults[s]) for s, name, label in rows]
         n, prov = provenance(e for _, e, _ in exps)
         header = ["run"] + [column(k) for k in ABLATION_METRICS] + ["Δ ACC (points)", "frozen per layer (%)", "n"]
         body = [[label] + [Cell(e, k).ours(n) for k in ABLATION_METRICS]
@@ -831,17 +839,15 @@ SELECTION_RULES = (("global top k (the paper)", "snv"), ("per-layer quotas", "sn
 
 
 def frozen_by_rule_figure(res: Results, path: Path) -> bool:
-    """The frozen fraction of each layer after each task, mean over seeds, global top-k against per-layer quotas;
-    False if neither run exists."""
+    """The frozen fraction of each layer after each task, mean over seeds, one panel per run of SELECTION_RULES;
+    False if none of them exists."""
     series, names = {}, None
     for title, name in SELECTION_RULES:
-        exp = res.get(compare_folder("task_il", name), scenario="task_il", method="snv")
+        exp = compare_snv(res, "task_il", name)
         if exp is None:
             continue
         names = exp.runs[0]["layer_names"]
-        frac = [[[f / n for f, n in zip(entry["frozen_per_layer"], r["layer_sizes"])] for entry in r["shapley"]]
-                for r in exp.runs]
-        series[f"{title}, n={exp.n}"] = np.mean(frac, axis=0)
+        series[f"{title}, n={exp.n}"] = np.mean([frozen_fractions(r) for r in exp.runs], axis=0)
     if series:
         utils.plot_frozen_by_rule(series, names, path)
     return bool(series)
