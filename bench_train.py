@@ -9,8 +9,9 @@ Measured (on --device, random inputs and random-pixel stand-ins written to a tem
   - Shapley coalitions/s of the fast V(S) evaluator (snv_core.MaskedAccuracy) for the MLP and ResNet-18 32x32;
   - before vs after, side by side in one process (interleaved rounds; fastest and median of each): the data
     pipelines of BEFORE_COMMIT's datasets.py (read from git) against the current one, and the masked training
-    step of the paper's MLP at batch 10 (train.train_step; data + step, mid-run: 320 frozen neurons, 4 finished
-    heads) with BEFORE_COMMIT's datasets.py and Freezer against the current ones; ratios are before / after.
+    step of the paper's MLP at batch 10 (data + step, mid-run: 320 frozen neurons, 4 finished heads) with
+    BEFORE_COMMIT's datasets.py, Freezer and step (autograd, a host sync per step; `step_before`) against the
+    current ones (train.train_step: the MLP's hand-written backward); ratios are before / after.
 Projected (arithmetic on the measured rates, labelled as such in the JSON): wall time per task and per run
 (one seed, T tasks) of each paper protocol (PAPER section 2: max epochs, batch, 70/10/20 split of each task's
 pooled images) at the maximum number of epochs (early stopping usually ends sooner) plus the Shapley step at
@@ -189,11 +190,26 @@ def load_before(name: str) -> object | None:
     return module
 
 
-def masked_steps(split, freezer_cls: type, device: torch.device, steps: int) -> tuple[Callable[[], None], ContinualNet]:
-    """`steps` training steps (train.train_step) of the paper's MLP at batch 10 in the middle of a TIL SNV run
-    (task 5: 320 of 800 neurons frozen, 4 finished heads), each batch loaded through `split`, frozen entries kept
-    by `freezer_cls`; the loss is summed on the device and read once at the end, as train_phase does per epoch.
-    Returns (run, the model it trains)."""
+def step_before(net: torch.nn.Module, model: ContinualNet, optimizer: torch.optim.Optimizer, freezer, state,
+                x: Tensor, y: Tensor, j: int, finished: Tensor | None, args: argparse.Namespace, c: int) -> Tensor:
+    """BEFORE_COMMIT's training step (the body of its train_phase loop), train.train_step's signature: autograd
+    backward, the loss's finiteness read by the host after every step, Freezer.step."""
+    loss = F.cross_entropy(net(x, j, finished), train.targets(y, j, args.scenario, c)) + state.method.penalty(model, x, j)
+    if not bool(torch.isfinite(loss)):
+        raise FloatingPointError(f"non-finite loss {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    freezer.step(optimizer)
+    state.method.after_step(model)
+    return loss.detach()
+
+
+def masked_steps(split, freezer_cls: type, step: Callable[..., Tensor], device: torch.device,
+                 steps: int) -> tuple[Callable[[], None], ContinualNet]:
+    """`steps` training steps (`step`: train.train_step or step_before) of the paper's MLP at batch 10 in the middle
+    of a TIL SNV run (task 5: 320 of 800 neurons frozen, 4 finished heads), each batch loaded through `split`,
+    frozen entries kept by `freezer_cls`; the loss is summed on the device and read once at the end, as train_phase
+    does per epoch. Returns (run, the model it trains)."""
     torch.manual_seed(0)
     model = build_model("mlp", (1, 28, 28)).to(device)
     for _ in range(5):
@@ -210,7 +226,7 @@ def masked_steps(split, freezer_cls: type, device: torch.device, steps: int) -> 
     def run() -> None:
         gen, loss_sum = torch.Generator().manual_seed(0), torch.zeros((), device=device)
         for i, (x, y) in enumerate(split.batches(10, shuffle=True, generator=gen, device=device)):
-            loss_sum += train.train_step(net, model, opt, freezer, state, x, y, 4, None, args, 10)
+            loss_sum += step(net, model, opt, freezer, state, x, y, 4, None, args, 10)
             if i + 1 == steps:
                 break
         float(loss_sum)
@@ -238,8 +254,8 @@ def before_after(root: Path, device: torch.device, rounds: int, max_batches: int
     cases = {
         "in_memory_cifar100 pipeline": [pipeline(s["in_memory_cifar100"][0], 64, None) for s in (old, new)],
         "imagenet folder pipeline": [pipeline(s, imagenet_batch, max_batches) for s in (old_imagenet, new_imagenet)],
-        TRAIN_STEP: [whole(masked_steps(s["in_memory_pmnist"][0], core.Freezer, device, mlp_steps)[0])
-                     for s, core in ((old, core_before), (new, snv_core))],
+        TRAIN_STEP: [whole(masked_steps(s["in_memory_pmnist"][0], core.Freezer, step, device, mlp_steps)[0])
+                     for s, core, step in ((old, core_before, step_before), (new, snv_core, train.train_step))],
     }
     out = {}
     for name, (run_old, run_new) in cases.items():

@@ -210,6 +210,30 @@ class MLP(ContinualNet):
     def stage_out(self, s: int, z: Tensor) -> Tensor:
         return F.relu(self.gates[s](z))
 
+    @torch.no_grad()
+    def cross_entropy_grads(self, x: Tensor, y: Tensor, task: int) -> Tensor:
+        """Mean cross-entropy of head `task` on x [B, 1, 28, 28], y [B]; its gradients are written to .grad.
+
+        A hand-written backward of the ungated network: the ATen calls autograd makes for F.linear, relu and
+        F.cross_entropy, in its order and operand layouts (grad W = g^T a), so the gradients are those of
+        loss.backward() bit for bit, without the graph (test_snv.py checks torch.equal). Returns the loss [].
+        """
+        head = self.heads[task]
+        acts = [x.flatten(1)]
+        for lin in self.linears:
+            acts.append(torch.relu(torch.addmm(lin.bias, acts[-1], lin.weight.t())))
+        logp = torch.log_softmax(torch.addmm(head.bias, acts[-1], head.weight.t()), 1)
+        loss = F.nll_loss(logp, y)
+        grad_logp = torch.zeros_like(logp).scatter_(1, y[:, None], -1.0 / len(y))
+        g = torch.ops.aten._log_softmax_backward_data(grad_logp, logp, 1, logp.dtype)
+        for layer, a_in, a_out in [(head, acts[-1], None)] + list(zip(self.linears[::-1], acts[-2::-1], acts[:0:-1])):
+            if a_out is not None:
+                g = torch.ops.aten.threshold_backward(g, a_out, 0)
+            layer.weight.grad, layer.bias.grad = torch.mm(g.t(), a_in), g.sum(0)
+            if layer is not self.linears[0]:
+                g = torch.mm(g, layer.weight)
+        return loss
+
 
 class BasicBlock(nn.Module):
     """ResNet basic block; each conv (and the 1x1 shortcut conv) is followed by BatchNorm, then a gate."""

@@ -6,6 +6,7 @@ import math
 import pytest
 
 import bench_train
+import train
 
 
 def test_projection_arithmetic() -> None:
@@ -33,8 +34,9 @@ def test_projection_arithmetic() -> None:
 
 
 def test_train_step_before_and_after_compute_the_same_step(tmp_path) -> None:
-    """The train_step_speedup case compares like with like: BEFORE_COMMIT's data pipeline and Freezer train the
-    model to the same bits as the current ones (only the work around the arithmetic differs)."""
+    """The train_step_speedup case compares like with like: BEFORE_COMMIT's data pipeline, Freezer and autograd
+    step train the model to the same bits as the current ones with the MLP's hand-written backward (only the work
+    around the arithmetic differs)."""
     import torch
 
     import datasets
@@ -44,9 +46,9 @@ def test_train_step_before_and_after_compute_the_same_step(tmp_path) -> None:
         pytest.skip("git history without BEFORE_COMMIT (shallow clone)")
     datasets.write_standin("cifar100", tmp_path, per_class=1)
     models = []
-    for ds, core in ((before, core_before), (datasets, snv_core)):
+    for ds, core, step in ((before, core_before, bench_train.step_before), (datasets, snv_core, train.train_step)):
         split = bench_train.in_memory_splits(tmp_path, ds)["in_memory_pmnist"][0]
-        run, model = bench_train.masked_steps(split, core.Freezer, torch.device("cpu"), steps=30)
+        run, model = bench_train.masked_steps(split, core.Freezer, step, torch.device("cpu"), steps=30)
         start = model.linears[0].weight.detach().clone()
         run()
         models.append(model)

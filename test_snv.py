@@ -524,6 +524,53 @@ def test_free_candidates_with_long_mask_training_keep_old_task_logits_bit_identi
     assert [r["newly_frozen"] for r in result["shapley"]] == [result["shapley"][0]["k"]] * 3
 
 
+@pytest.mark.parametrize("batch", [10, 64, 3])
+def test_mlp_hand_written_backward_equals_autograd_bit_for_bit(batch):
+    torch.manual_seed(batch)
+    model = build_model("mlp", (1, 28, 28))
+    for _ in range(3):
+        model.add_head(10)
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    expected_loss = torch.nn.functional.cross_entropy(model(x, 1), y)
+    expected_loss.backward()
+    expected = {name: p.grad for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    assert torch.equal(model.cross_entropy_grads(x, y, 1), expected_loss.detach())
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == (expected[name] is None) == name.startswith(("heads.0.", "heads.2.")), name
+        assert p.grad is None or torch.equal(p.grad, expected[name]), name
+    dead = [(lin(x.flatten(1)) <= 0).float().mean() for lin in model.linears[:1]]
+    assert 0.2 < float(dead[0]) < 0.8  # not vacuous: the ReLU backward zeroes a good share of units
+
+
+def test_training_steps_through_the_hand_written_backward_change_no_result(tmp_path, monkeypatch):
+    # A TIL SNV run takes MLP.cross_entropy_grads for its training steps (mask fine-tuning, gated, takes autograd)
+    # and ends with the numbers of a run forced onto autograd.
+    runs, taken = [], []
+    original = train.hand_written_backward
+    for name, rule in (("hand", lambda *a: taken.append(original(*a)) or taken[-1]), ("autograd", lambda *a: False)):
+        monkeypatch.setattr(train, "hand_written_backward", rule)
+        assert train.main(synthetic_args(tmp_path / name, "--width", "16", "--mask-finetune-epochs", "1")) == 0
+        runs.append(json.loads((tmp_path / name / "out" / "seed0.json").read_text()))
+    assert True in taken and False in taken
+    assert runs[0]["accuracy_matrix"] == runs[1]["accuracy_matrix"]
+    assert [s["phi"] for s in runs[0]["shapley"]] == [s["phi"] for s in runs[1]["shapley"]]
+
+
+@pytest.mark.parametrize("extra,expected", [((), True), (("--scenario", "class_il"), False),
+                                            (("--method", "ewc"), False), (("--method", "packnet"), False),
+                                            (("--arch", "resnet18", "--width", "4"), False),
+                                            (("--amp", "bf16"), False)])
+def test_hand_written_backward_only_where_it_is_the_same_computation(tmp_path, extra, expected):
+    args = train.resolve_args(train.build_parser().parse_args(synthetic_args(tmp_path, *extra)))
+    model = build_model(args.arch, (1, 28, 28), args.width)
+    model.add_head(2)
+    state = train.State(torch.zeros(model.num_neurons, dtype=torch.bool),
+                        method=baselines.build_method(args, model, 0))
+    net = train.TrainForward(model, state, args.scenario, 0)
+    assert train.hand_written_backward(net, model, state, args, 0) == expected
+
+
 def test_run_records_each_tasks_silent_units_on_its_validation_data(tmp_path):
     args = train.resolve_args(train.build_parser().parse_args(synthetic_args(tmp_path, "--width", "16")))
     bench = train.datasets.get_benchmark("synthetic", args.num_tasks, 0, None)
