@@ -9,7 +9,8 @@ Measured (on --device, random inputs and random-pixel stand-ins written to a tem
   - Shapley coalitions/s of the fast V(S) evaluator (snv_core.MaskedAccuracy) for the MLP and ResNet-18 32x32;
   - before vs after, side by side in one process (interleaved rounds; fastest and median of each): the data
     pipelines of BEFORE_COMMIT's datasets.py (read from git) against the current one, and the masked training
-    step of the paper's MLP at batch 10 (data + step, mid-run: 320 frozen neurons, 4 finished heads) with
+    step of the paper's MLP at batch 10 (data + step over a whole epoch of 20,000 images, mid-run: 320 frozen
+    neurons, 4 finished heads) with
     BEFORE_COMMIT's datasets.py, Freezer and step (autograd, a host sync per step; `step_before`) against the
     current ones (train.train_step: the MLP's hand-written backward); ratios are before / after.
 Projected (arithmetic on the measured rates, labelled as such in the JSON): wall time per task and per run
@@ -204,12 +205,13 @@ def step_before(net: torch.nn.Module, model: ContinualNet, optimizer: torch.opti
     return loss.detach()
 
 
-def masked_steps(split, freezer_cls: type, step: Callable[..., Tensor], device: torch.device,
-                 steps: int) -> tuple[Callable[[], None], ContinualNet]:
-    """`steps` training steps (`step`: train.train_step or step_before) of the paper's MLP at batch 10 in the middle
-    of a TIL SNV run (task 5: 320 of 800 neurons frozen, 4 finished heads), each batch loaded through `split`,
-    frozen entries kept by `freezer_cls`; the loss is summed on the device and read once at the end, as train_phase
-    does per epoch. Returns (run, the model it trains)."""
+def masked_epoch(split, freezer_cls: type, step: Callable[..., Tensor],
+                 device: torch.device) -> tuple[Callable[[], None], ContinualNet]:
+    """One epoch of training steps (`step`: train.train_step or step_before) of the paper's MLP at batch 10 in the
+    middle of a TIL SNV run (task 5: 320 of 800 neurons frozen, 4 finished heads): every batch of `split` loaded
+    through it (a whole epoch, so that a pipeline that prepares the epoch's data at once pays for no more than it
+    uses), frozen entries kept by `freezer_cls`; the loss is summed on the device and read once at the end, as
+    train_phase does per epoch. Returns (run, the model it trains)."""
     torch.manual_seed(0)
     model = build_model("mlp", (1, 28, 28)).to(device)
     for _ in range(5):
@@ -225,17 +227,14 @@ def masked_steps(split, freezer_cls: type, step: Callable[..., Tensor], device: 
 
     def run() -> None:
         gen, loss_sum = torch.Generator().manual_seed(0), torch.zeros((), device=device)
-        for i, (x, y) in enumerate(split.batches(10, shuffle=True, generator=gen, device=device)):
+        for x, y in split.batches(10, shuffle=True, generator=gen, device=device):
             loss_sum += step(net, model, opt, freezer, state, x, y, 4, None, args, 10)
-            if i + 1 == steps:
-                break
         float(loss_sum)
 
     return run, model
 
 
-def before_after(root: Path, device: torch.device, rounds: int, max_batches: int, imagenet_batch: int,
-                 mlp_steps: int) -> dict | None:
+def before_after(root: Path, device: torch.device, rounds: int, max_batches: int, imagenet_batch: int) -> dict | None:
     """Before (BEFORE_COMMIT's datasets.py) vs after, interleaved in one process: the fastest of `rounds` each
     (the least disturbed by other load on the machine) and their ratio. Pipelines as in `pipeline_pass` (the same
     images for both): a whole in-memory pass; the DataLoader after its first batch, whose seconds are recorded."""
@@ -254,7 +253,7 @@ def before_after(root: Path, device: torch.device, rounds: int, max_batches: int
     cases = {
         "in_memory_cifar100 pipeline": [pipeline(s["in_memory_cifar100"][0], 64, None) for s in (old, new)],
         "imagenet folder pipeline": [pipeline(s, imagenet_batch, max_batches) for s in (old_imagenet, new_imagenet)],
-        TRAIN_STEP: [whole(masked_steps(s["in_memory_pmnist"][0], core.Freezer, step, device, mlp_steps)[0])
+        TRAIN_STEP: [whole(masked_epoch(s["in_memory_pmnist"][0], core.Freezer, step, device)[0])
                      for s, core, step in ((old, core_before, step_before), (new, snv_core, train.train_step))],
     }
     out = {}
@@ -372,7 +371,7 @@ def main() -> None:
                    "resnet32": shapley_rate("resnet32", device, 64 if q else 512, 4 if q else 64)}
         phase("measured: before vs after, side by side")
         compared = before_after(root, device, rounds=5, max_batches=8 if q else 50,
-                                imagenet_batch=imagenet_batch, mlp_steps=500 if q else 2000)
+                                imagenet_batch=imagenet_batch)
     phase("projected (upper bounds: max epochs, Shapley at its cap of orderings):")
     projected = projections(trained, pipes, shapley)
     result = {"mlp_steps_per_s": trained["mlp"]["steps_per_s"], "resnet32_steps_per_s": trained["resnet32"]["steps_per_s"],

@@ -48,7 +48,7 @@ def test_train_step_before_and_after_compute_the_same_step(tmp_path) -> None:
     models = []
     for ds, core, step in ((before, core_before, bench_train.step_before), (datasets, snv_core, train.train_step)):
         split = bench_train.in_memory_splits(tmp_path, ds)["in_memory_pmnist"][0]
-        run, model = bench_train.masked_steps(split, core.Freezer, step, torch.device("cpu"), steps=30)
+        run, model = bench_train.masked_epoch(split, core.Freezer, step, torch.device("cpu"))
         start = model.linears[0].weight.detach().clone()
         run()
         models.append(model)

@@ -472,7 +472,7 @@ def test_folder_dataloader_matches_in_process_and_reads_only_the_rank_share(
     with Image.open(path) as img:
         ref = img.convert("RGB").resize((224, 224), Image.BILINEAR, box=D.resized_box(*img.size, u[0].tolist()))
     ref = torch.from_numpy(np.asarray(ref.transpose(Image.FLIP_LEFT_RIGHT) if flip[0] else ref).copy())
-    expected = D.normalize(ref.permute(2, 0, 1)[None].float() / 255, *D.MEAN_STD["imagenet1k"])
+    expected = D.normalize_(ref.permute(2, 0, 1)[None].float() / 255, *D.MEAN_STD["imagenet1k"])
     assert torch.allclose(in_process[0][0][:1], expected, atol=1e-6)
     source.workers = 0
     read: list[Path] = []
