@@ -216,9 +216,19 @@ def test_seeds_table_lists_every_pmnist_seed_and_only_exact_zero_bwt_as_exact(tm
     for r in runs:
         r["metrics"]["BWT"] = 0.0
     write_runs(root / "pmnist/snv_task_il", runs)
-    table = report.seeds_table(report.Results(report.find_experiments(root)))
+    dense = fake_run(42, 0.5, dataset="pmnist")
+    dense["args"]["inference"] = "dense"
+    write_runs(root / "pmnist/snv_task_il_dense", [dense])
+    write_runs(root / "pmnist/snv_class_il_dense", [fake_run(42, 0.1, dataset="pmnist", scenario="class_il")])
+    res = report.Results(report.find_experiments(root))
+    table = report.seeds_table(res)
     assert "| TIL SNV | 42 | 85.00 | 0 exactly | n/a | 0.00 | 0.500 | n/a | 0.100 | 10 | 42abcde |" in table
     assert "| TIL SNV | 43 | 85.00 | 0.00 | n/a |" in table
+    assert "| TIL SNV, paper-literal (--inference dense) | 42 | 50.00 | 0 exactly |" in table
+    assert "| TIL SNV, re-run with the lean step (issue 21) | — | not run |" in table
+    # a folder whose runs are not what its name says is left out, with a warning
+    assert "| CIL SNV, paper-literal (--inference dense) | — | not run |" in table
+    assert any("pmnist/snv_class_il_dense" in w for w in res.warnings)
     assert "| CIL Joint (upper bound) | — | not run |" in table and "machine: testhost" in table
     assert "Nothing run yet." in report.seeds_table(report.Results({}))
 
@@ -302,7 +312,9 @@ def test_dry_run_resumes_and_skips(tmp_path: Path) -> None:
     proc = subprocess.run(["bash", "run_experiments.sh", "--dry-run", "--only", "pmnist"], cwd=HERE, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    cmds = commands(proc.stdout)
+    dense = [c for c in commands(proc.stdout) if "_dense " in c]
+    cmds = [c for c in commands(proc.stdout) if c not in dense]
+    assert len(dense) == 2 * 10 + 2 and all("--inference dense" in c for c in dense)  # every seed + a summary each
     assert f"# skipped: {done}/summary.json" in proc.stdout
     assert not any(f"{done} " in c for c in cmds)
     seeds = {c.split("--seeds ")[1] for c in cmds}
