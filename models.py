@@ -218,19 +218,20 @@ class MLP(ContinualNet):
         F.cross_entropy, in its order and operand layouts (grad W = g^T a), so the gradients are those of
         loss.backward() bit for bit, without the graph (test_snv.py checks torch.equal). Returns the loss [].
         """
+        linears = list(self.linears)
         head = self.heads[task]
-        acts = [x.flatten(1)]
-        for lin in self.linears:
+        acts = [x.flatten(1)]  # acts[l]: the input of linears[l]; acts[-1]: the head's
+        for lin in linears:
             acts.append(torch.relu(torch.addmm(lin.bias, acts[-1], lin.weight.t())))
         logp = torch.log_softmax(torch.addmm(head.bias, acts[-1], head.weight.t()), 1)
         loss = F.nll_loss(logp, y)
         grad_logp = torch.zeros_like(logp).scatter_(1, y[:, None], -1.0 / len(y))
-        g = torch.ops.aten._log_softmax_backward_data(grad_logp, logp, 1, logp.dtype)
-        for layer, a_in, a_out in [(head, acts[-1], None)] + list(zip(self.linears[::-1], acts[-2::-1], acts[:0:-1])):
-            if a_out is not None:
-                g = torch.ops.aten.threshold_backward(g, a_out, 0)
-            layer.weight.grad, layer.bias.grad = torch.mm(g.t(), a_in), g.sum(0)
-            if layer is not self.linears[0]:
+        g = torch.ops.aten._log_softmax_backward_data(grad_logp, logp, 1, logp.dtype)  # dL/dlogits [B, C]
+        for i, layer in enumerate([head] + linears[::-1]):
+            if i > 0:  # through the ReLU whose output is this layer's output
+                g = torch.ops.aten.threshold_backward(g, acts[-i], 0)
+            layer.weight.grad, layer.bias.grad = torch.mm(g.t(), acts[-1 - i]), g.sum(0)
+            if i < len(linears):  # no gradient for the input x
                 g = torch.mm(g, layer.weight)
         return loss
 
