@@ -627,7 +627,8 @@ def paired_difference(exp: Experiment | None, default: Experiment | None, key: s
     return f"{number(key, mean, signed=True)}{spread} (n={len(diffs)})"
 
 
-RUN_BOOKKEEPING = ("out_dir", "seeds", "joint_results", "prune_analysis", "resume", "data_dir")
+RUN_BOOKKEEPING = ("out_dir", "seeds", "joint_results", "prune_analysis", "resume", "overwrite", "data_dir", "progress",
+                   "no_figures")
 """Arguments that say where a run writes or what it records besides, never what it computes."""
 
 

@@ -514,7 +514,7 @@ def test_best_til_variant_needs_every_seed_of_the_default_and_zero_bwt(tmp_path:
     def runs(acc: float, seeds=(42, 43), bwt: float = 0.0, **args) -> list[dict]:
         out = [fake_run(s, acc, dataset="pmnist") for s in seeds]
         for r in out:
-            r["args"].update({"mask_finetune_epochs": 1, "out_dir": "x", **args})
+            r["args"].update({"mask_finetune_epochs": 1, "out_dir": "x", "overwrite": False, "progress": True, **args})
             r["metrics"]["BWT"] = bwt if r["seed"] == 43 else 0.0
         return out
 
@@ -522,7 +522,8 @@ def test_best_til_variant_needs_every_seed_of_the_default_and_zero_bwt(tmp_path:
     res = report.Results(report.find_experiments(tmp_path / "compare"))
     assert report.best_til_variant(res)[0] == "the default"
     # the default predates --candidates: it counts at its registered default, "all"
-    write_runs(base / "pmnist_task_il_snv-mft5", runs(0.95, mask_finetune_epochs=5, out_dir="y", candidates="free"))
+    write_runs(base / "pmnist_task_il_snv-mft5", runs(0.95, mask_finetune_epochs=5, out_dir="y", candidates="free",
+                                                      overwrite=True, progress=False))  # bookkeeping: not flags
     write_runs(base / "pmnist_task_il_snv-mft10", runs(0.99, seeds=(42,), mask_finetune_epochs=10))  # seed 43 missing
     write_runs(base / "pmnist_task_il_snv-c0.2", runs(0.99, bwt=-0.01, sparsity=0.2))  # forgets on seed 43
     write_runs(base / "pmnist_task_il_snv-dense", runs(0.50, bwt=-0.4, inference="dense"))
