@@ -398,10 +398,13 @@ SEED_METRICS = ("ACC", "BWT", "FWT", "AF", "PS", "Intransigence", "CAP")
 """The per-seed columns of seeds_table."""
 
 
+DENSE_LABEL = "SNV, paper-literal (--inference dense)"
+"""The row label of SNV's dense reading, in the seeds table and the readings table alike."""
+
 PAPER_PROTOCOL_EXTRAS = (  # (scenario, folder, row label, expected arguments)
-    ("task_il", "pmnist/snv_task_il_dense", "SNV, paper-literal (--inference dense)", {"inference": "dense"}),
+    ("task_il", "pmnist/snv_task_il_dense", DENSE_LABEL, {"inference": "dense"}),
     ("task_il", "pmnist/snv_task_il_rerun", "SNV, re-run with the lean step (issue 21)", {"inference": "masked"}),
-    ("class_il", "pmnist/snv_class_il_dense", "SNV, paper-literal (--inference dense)", {"inference": "dense"}),
+    ("class_il", "pmnist/snv_class_il_dense", DENSE_LABEL, {"inference": "dense"}),
 )
 """The seeds table's extra PMNIST rows next to the main SNV row: run_experiments.sh's dense reading, and the
 default run repeated at a later commit to time the current training step."""
@@ -664,7 +667,7 @@ def readings_table(res: Results) -> str:
     default = compare_snv(res, "task_il", "snv")
     joint = res.get(compare_folder("task_il", "joint"), scenario="task_il")
     best = best_til_variant(res)
-    rows = [("SNV, paper-literal (--inference dense)", compare_snv(res, "task_il", "snv-dense")),
+    rows = [(DENSE_LABEL, compare_snv(res, "task_il", "snv-dense")),
             ("SNV, masked (the default)", default),
             (f"SNV, best with BWT 0 ({best[0]})" if best else "SNV, best with BWT 0", best[1] if best else None),
             (METHODS["packnet"].label, res.get(compare_folder("task_il", "packnet"), scenario="task_il")),
