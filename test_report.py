@@ -445,6 +445,65 @@ def test_committed_results_md_is_the_report_of_the_committed_results(monkeypatch
         "RESULTS.md is stale: run python report.py --results results --out RESULTS.md"
 
 
+DOCS = ["README.md", *sorted(p.relative_to(HERE).as_posix() for p in HERE.glob("docs/*.md"))]
+
+
+def test_generated_blocks_of_the_docs_are_up_to_date(monkeypatch) -> None:
+    """Every number of a generated block in README.md and docs/ is what report.py writes from the committed
+    results; README.md and docs/results.md have such blocks."""
+    monkeypatch.chdir(HERE)
+    docs = report.DocResults(Path("results"))
+    for doc in DOCS:
+        text = (HERE / doc).read_text()
+        assert report.fill_blocks(text, docs) == text, \
+            f"{doc}'s generated blocks are stale: run python report.py --docs {' '.join(DOCS)}"
+    names = {m.group(2) for doc in ("README.md", "docs/results.md")
+             for m in report.BLOCK.finditer((HERE / doc).read_text())}
+    assert names == set(report.DOC_BLOCKS)
+
+
+def test_fill_blocks_rewrites_only_the_blocks_and_refuses_unknown_or_unclosed_ones(tmp_path: Path) -> None:
+    docs = report.DocResults(tmp_path)  # an empty results tree: every block lacks its runs
+    text = "# Title\nkept\n<!-- generated: readings-table -->\nold\n<!-- end generated -->\nkept too\n"
+    filled = report.fill_blocks(text, docs)
+    assert filled.startswith("# Title\nkept\n<!-- generated: readings-table -->\n")
+    assert filled.endswith("\n<!-- end generated -->\nkept too\n") and "old" not in filled
+    assert report.fill_blocks(text.replace("readings-table", "ablations"), docs).count("Not generated: the results lack")
+    with pytest.raises(ValueError, match="unknown generated block 'nope'"):
+        report.fill_blocks(text.replace("readings-table", "nope"), docs)
+    with pytest.raises(ValueError, match="no matching"):
+        report.fill_blocks(text.replace("<!-- end generated -->\n", ""), docs)
+    doc = tmp_path / "doc.md"
+    doc.write_text(text.replace("readings-table", "nope"))
+    assert report.main(["--results", str(tmp_path), "--docs", str(doc)]) == 2
+    assert doc.read_text() == text.replace("readings-table", "nope")
+
+
+def test_missing_seeds_lists_the_comparison_runs_without_their_seed_files(tmp_path: Path) -> None:
+    commands = tmp_path / "commands.txt"
+    commands.write_text("# a comment\n"
+                        "python train.py --method snv --seeds 42 43 44 --out-dir results/pmnist_task_il_snv\n"
+                        "python train.py --seeds 42 --method sgd --out-dir results/pmnist_task_il_sgd\n"
+                        "python rank_correlation.py --seeds 42 --out-dir results/rank\n")
+    write_runs(tmp_path / "compare" / "baselines" / "pmnist_task_il_snv", [fake_run(43, 0.9)])
+    assert report.missing_seeds(tmp_path, commands) == "`task_il_snv` (seeds 42, 44), `task_il_sgd` (seed 42)"
+    write_runs(tmp_path / "compare" / "baselines" / "pmnist_task_il_snv", [fake_run(s, 0.9) for s in (42, 44)])
+    write_runs(tmp_path / "compare" / "baselines" / "pmnist_task_il_sgd", [fake_run(42, 0.9)])
+    assert report.missing_seeds(tmp_path, commands) == "nothing"
+
+
+def test_reflow_fills_paragraphs_and_list_items_and_keeps_tables() -> None:
+    table = "| a | b |\n|---|---|\n| " + "x " * 80 + "| 1 |"
+    text = "word " * 40 + "\n\n- item " + "y " * 60 + "\n- short\n\n" + table + "\n"
+    out = report.reflow(text, width=50)
+    prose, items, kept = out.split("\n\n")
+    assert all(len(line) <= 50 for line in prose.splitlines() + items.splitlines())
+    assert " ".join(prose.split()) == " ".join(("word " * 40).split())
+    assert items.startswith("- item y") and items.endswith("\n- short")
+    assert all(line.startswith(("- ", "  ")) for line in items.splitlines())
+    assert kept == table + "\n"
+
+
 def table_blocks(lines: list[str]) -> list[tuple[list[str], str]]:
     """Each Markdown table of `lines` with the first non-blank line after it."""
     blocks, i = [], 0
@@ -468,7 +527,7 @@ def copied_tables(markdown: str) -> list[list[str]]:
             if after.startswith(("(From RESULTS.md", "n seeds:")) or any("±" in r for r in rows)]
 
 
-@pytest.mark.parametrize("doc", ["README.md", *sorted(p.relative_to(HERE).as_posix() for p in HERE.glob("docs/*.md"))])
+@pytest.mark.parametrize("doc", DOCS)
 def test_tables_copied_from_results_md_match_it(doc: str) -> None:
     """Every table that README.md or a docs/ page copies from RESULTS.md is verbatim in RESULTS.md; README.md and
     docs/results.md have such tables."""
