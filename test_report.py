@@ -538,6 +538,14 @@ def test_tables_copied_from_results_md_match_it(doc: str) -> None:
     assert not stale, f"{doc} rows not in RESULTS.md (copy them again from it): {stale}"
 
 
+@pytest.mark.parametrize("doc", [d for d in DOCS if d != "docs/paper.md"])  # paper.md quotes the papers' numbers
+def test_every_mean_and_std_in_the_docs_is_one_of_results_md(doc: str) -> None:
+    """A "mean ± std" typed into prose goes stale when a seed is added; each must still be in RESULTS.md."""
+    generated = (HERE / "RESULTS.md").read_text()
+    stale = [m for m in re.findall(r"\d+\.\d+ ± \d+\.\d+", (HERE / doc).read_text()) if m not in generated]
+    assert not stale, f"{doc}: {stale} are not in RESULTS.md; update them from it (or use a generated block)"
+
+
 def test_copied_tables_are_recognised() -> None:
     """A table counts as copied when it has ± cells or is followed by report.py's "(From RESULTS.md" or "n seeds:"."""
     rows = ["| run | ACC (%) |", "|---|---|", "| SNV | 93.07 ± 0.21 |"]
