@@ -973,7 +973,7 @@ def ablation_findings(d: DocResults) -> str:
     default, packnet = d.snv("snv"), d.method("packnet")
     d42, dflt, pk = seed_run(default), mean_acc(default), mean_acc(packnet)
     dense, dense_cil = d.snv("snv-dense"), d.snv("snv-dense", "class_il")
-    mft0, mft5, mft10 = d.snv("snv-mft0"), d.snv("snv-mft5"), d.snv("snv-mft10")
+    mft0, mft3, mft5, mft10 = (d.snv(f"snv-mft{n}") for n in (0, 3, 5, 10))
     free, free5, free10 = d.snv("snv-free"), d.snv("snv-free-mft5"), d.snv("snv-free-mft10")
     perlayer, fpl = d.snv("snv-perlayer"), d.snv("snv-free-perlayer-mft10")
     fplr, noreuse = d.snv("snv-free-perlayer-mft10-reset"), d.snv("snv-noreuse")
@@ -1067,8 +1067,8 @@ exactly 0 (`test_snv.py` checks old tasks' logits bit for bit with `--candidates
 through the mask):
 - **More epochs through the mask** (`--mask-finetune-epochs`; the default at this protocol is
   {epochs(d42['args']['mask_finetune_epochs'])}). Seed 42 goes from {pct(d42['metrics']['ACC'])} % to
-  {pct(seed_run(mft5)['metrics']['ACC'])} % with 5 epochs and to {pct(seed_run(mft10)['metrics']['ACC'])} % with
-  10; 5 epochs give {acc_text(mft5)}. Without it (`--mask-finetune-epochs 0`, the paper's procedure read
+  {pct(seed_run(mft3)['metrics']['ACC'])} % with 3 epochs, {pct(seed_run(mft5)['metrics']['ACC'])} % with 5 and
+  {pct(seed_run(mft10)['metrics']['ACC'])} % with 10; 5 epochs give {acc_text(mft5)}. Without it (`--mask-finetune-epochs 0`, the paper's procedure read
   literally) ACC is {acc_text(mft0)}: a task's subnetwork keeps the weights it had in the dense network, and task
   1's subnetwork scores {100 * seed_run(mft0)['shapley'][0]['v_members']:.1f} % on validation right after
   selection.
@@ -1140,21 +1140,50 @@ missing seeds): {missing_seeds(d.root, Path(__file__).resolve().parent / 'run_ex
 """)
 
 
+STANDIN_INPUTS = {"cifar100": "CIFAR-100 (32×32)", "tinyimagenet": "TinyImageNet (64×64)",
+                  "imagenet1k": "ImageNet-1k (224×224 crops of JPEGs)"}
+"""rehearse_standins.sh's stand-ins and the input each is read as."""
+
+
+def rehearsal_table(d: DocResults) -> str:
+    """Every run of results/rehearsal (rehearse_standins.sh): the stand-in, its scale, its time and BWT."""
+    header = ["stand-in (input)", "width (N neurons)", "score", "orderings per task (cap)", "processes",
+              "threads each", "wall time (s)", "scoring per task (s)", "A after task 2 (%)", "BWT"]
+    body = []
+    for folder, exp in sorted(find_experiments(d.root / "rehearsal").items(),
+                              key=lambda kv: (list(STANDIN_INPUTS).index(kv[1].args["dataset"]), kv[0])):
+        for r in exp.runs:
+            a = r["args"]
+            shapley = a.get("importance", "shapley") == "shapley"
+            body.append([STANDIN_INPUTS[a["dataset"]], f"{a['width']} ({r['num_neurons']})", a.get("importance", "shapley"),
+                         str(a["max_permutations"]) if shapley else NONE,
+                         "2" if folder.endswith("torchrun2") else "1", str(r["machine"].get("threads", "?")),
+                         f"{r['seconds']:.1f}",
+                         ", ".join(f"{e['seconds']:.1f}" for e in r["shapley"]),
+                         ", ".join(f"{100 * v:.2f}" for v in r["accuracy_matrix"][-1]), seed_cell(r, "BWT")])
+    if not body:
+        raise MissingRuns("rehearsal")
+    return markdown(header, body)
+
+
 DOC_BLOCKS: dict[str, Callable[[DocResults], str]] = {
     "in-short": in_short,
     "readings-table": lambda d: table_lines(readings_table(d.compare)),
     "seeds-table": lambda d: table_lines(seeds_table(d.full)),
     "ablations": ablation_findings,
+    "rehearsal-table": rehearsal_table,
 }
 """The generated blocks of README.md and docs/: a block <!-- generated: NAME --> ... <!-- end generated --> holds
 what DOC_BLOCKS[NAME] writes from the results tree (`python report.py --docs FILE ...` rewrites them)."""
-BLOCK = re.compile(r"(<!-- generated: (\S+) -->\n)(.*?)(<!-- end generated -->)", re.S)
+BLOCK = re.compile(r"^(<!-- generated: (\S+) -->\n)(.*?)^(<!-- end generated -->)$", re.S | re.M)
+"""A generated block: its opening and closing lines, each a line of its own."""
+OPEN, CLOSE = re.compile(r"^<!-- generated: ", re.M), re.compile(r"^<!-- end generated -->$", re.M)
 
 
 def fill_blocks(text: str, docs: DocResults) -> str:
     """`text` with each generated block rewritten from the results; ValueError on an unknown or unclosed block."""
-    opened = text.count("<!-- generated: ")
-    if opened != len(BLOCK.findall(text)) or opened != text.count("<!-- end generated -->"):
+    opened = len(OPEN.findall(text))
+    if opened != len(BLOCK.findall(text)) or opened != len(CLOSE.findall(text)):
         raise ValueError("a '<!-- generated: NAME -->' line has no matching '<!-- end generated -->'")
 
     def one(m: re.Match) -> str:
