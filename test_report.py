@@ -485,11 +485,15 @@ def test_missing_seeds_lists_the_comparison_runs_without_their_seed_files(tmp_pa
     commands.write_text("# a comment\n"
                         "python train.py --method snv --seeds 42 43 44 --out-dir results/pmnist_task_il_snv\n"
                         "python train.py --seeds 42 --method sgd --out-dir results/pmnist_task_il_sgd\n"
-                        "python rank_correlation.py --seeds 42 --out-dir results/rank\n")
+                        "python rank_correlation.py --seeds 42 43 --out-dir results/rank\n")
+    (tmp_path / "compare" / "baselines" / "rank").mkdir(parents=True)
+    (tmp_path / "compare" / "baselines" / "rank" / "rank_correlation_seed42.json").write_text("{}")
     write_runs(tmp_path / "compare" / "baselines" / "pmnist_task_il_snv", [fake_run(43, 0.9)])
-    assert report.missing_seeds(tmp_path, commands) == "`task_il_snv` (seeds 42, 44), `task_il_sgd` (seed 42)"
+    assert report.missing_seeds(tmp_path, commands) == "`task_il_snv` (seeds 42, 44), `task_il_sgd` (seed 42), " \
+                                                       "`rank` (seed 43)"
     write_runs(tmp_path / "compare" / "baselines" / "pmnist_task_il_snv", [fake_run(s, 0.9) for s in (42, 44)])
     write_runs(tmp_path / "compare" / "baselines" / "pmnist_task_il_sgd", [fake_run(42, 0.9)])
+    (tmp_path / "compare" / "baselines" / "rank" / "rank_correlation_seed43.json").write_text("{}")
     assert report.missing_seeds(tmp_path, commands) == "nothing"
 
 
