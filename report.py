@@ -1241,6 +1241,7 @@ DOC_BLOCKS: dict[str, Callable[[DocResults], str]] = {
     "seeds-table": lambda d: table_lines(seeds_table(d.full)),
     "ablations": ablation_findings,
     "importance": importance_findings,
+    "importance-table": lambda d: table_lines(importance_table(d.compare, d.root / "compare")),
     "rehearsal-table": rehearsal_table,
 }
 """The generated blocks of README.md and docs/: a block <!-- generated: NAME --> ... <!-- end generated --> holds
