@@ -2,7 +2,7 @@
 
     python report.py --results results --out RESULTS.md     # the tables
     python report.py --figures                              # figures/ from the committed results
-    python report.py --docs README.md docs/results.md       # their generated blocks (DOC_BLOCKS)
+    python report.py --docs README.md docs/*.md             # their generated blocks (DOC_BLOCKS)
 
 Ours = mean ± std (population, as in summary.json) over the seed JSONs of a folder, in % (a single seed: its
 value alone); gap = ours - paper in points. A folder with no seed JSON is "not run"; results/quick (CPU
