@@ -1384,7 +1384,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         for path, text in filled.items():
             path.write_text(text)
-            print(f"wrote the generated blocks of {path}")
+            print(f"{path}: {len(BLOCK.findall(text))} generated block(s) written")
     return 0
 
 
