@@ -928,12 +928,13 @@ def in_short(d: DocResults) -> str:
     flags, exp = best
     gain, gap = mean_acc(exp) - mean_acc(default), mean_acc(exp) - mean_acc(packnet)
     versus = f"stays {-gap:.2f} below PackNet" if gap < 0 else f"is {gap:.2f} above PackNet"
-    return reflow(f"In short: task-incremental SNV {'forgets nothing, checked bit for bit, and ' if exact else ''}reaches "
-            f"{mean_acc(til):.2f} % on PMNIST against the paper's {paper[('pmnist', 'task_il')]['ACC']:.2f} %. "
-            f"Class-incremental SNV as the paper describes it reaches {mean_acc(cil):.2f} % against "
-            f"{paper[('pmnist', 'class_il')]['ACC']:.2f} %: it collapses to the newest task; we report that as "
-            f"measured. [docs/results.md](docs/results.md) explains both. The best zero-forgetting variant we found "
-            f"(`{flags}`) gains {gain:.2f} points over the default at our CPU protocol and {versus}.")
+    return reflow(
+        f"In short: task-incremental SNV {'forgets nothing, checked bit for bit, and ' if exact else ''}reaches "
+        f"{mean_acc(til):.2f} % on PMNIST against the paper's {paper[('pmnist', 'task_il')]['ACC']:.2f} %. "
+        f"Class-incremental SNV as the paper describes it reaches {mean_acc(cil):.2f} % against "
+        f"{paper[('pmnist', 'class_il')]['ACC']:.2f} %: it collapses to the newest task; we report that as "
+        f"measured. [docs/results.md](docs/results.md) explains both. The best zero-forgetting variant we found "
+        f"(`{flags}`) gains {gain:.2f} points over the default at our CPU protocol and {versus}.")
 
 
 def epochs(n: int) -> str:
