@@ -447,12 +447,18 @@ def seeds_table(res: Results) -> str:
                          markdown(header, body), machines_line(exps) if exps else "Nothing run yet."])
 
 
+def forgets_nothing(run: dict) -> bool:
+    """True when the last row of the accuracy matrix A equals its diagonal: no old task's accuracy changed."""
+    A = run["accuracy_matrix"]
+    return all(A[-1][j] == A[j][j] for j in range(len(A)))
+
+
 def seed_cell(run: dict, key: str) -> str:
-    """One seed's metric as displayed; BWT is "0 exactly" when the last row of A equals its diagonal."""
-    value, A = run["metrics"].get(key), run["accuracy_matrix"]
+    """One seed's metric as displayed; BWT is "0 exactly" when forgets_nothing(run)."""
+    value = run["metrics"].get(key)
     if value is None:
         return UNDEFINED
-    if key == "BWT" and all(A[-1][j] == A[j][j] for j in range(len(A))):
+    if key == "BWT" and forgets_nothing(run):
         return "0 exactly"
     return number(key, scaled(key, value))
 
@@ -490,14 +496,18 @@ def score_cell(runs: list[dict], kind: str, key: str) -> str:
     return mean_std(values, "{:.3f}".format) if values else NONE
 
 
+def rank_correlation_runs(root: Path, exclude: tuple[str, ...] = ()) -> list[dict]:
+    """Every rank_correlation_seed*.json below `root` (rank_correlation.py), the subtrees `exclude` left out."""
+    return [json.loads(p.read_text()) for p in sorted(root.rglob("rank_correlation_seed*.json"))
+            if not excluded(p.relative_to(root).as_posix(), exclude)]
+
+
 def rank_correlation_table(root: Path, exclude: tuple[str, ...]) -> str:
     """Spearman of each cheap neuron score with Monte Carlo Shapley (rank_correlation.py), over seeds."""
-    files = sorted(p for p in root.rglob("rank_correlation_seed*.json")
-                   if not excluded(p.relative_to(root).as_posix(), exclude))
+    runs = rank_correlation_runs(root, exclude)
     title = "### Neuron scores against Monte Carlo Shapley (task 1; ours only)"
-    if not files:
+    if not runs:
         return f"{title}\n\n{NOT_RUN}."
-    runs = [json.loads(p.read_text()) for p in files]
     body = [[kind] + [score_cell(runs, kind, key) for key in SCORE_KEYS] for kind in runs[0]["scores"]]
     header = ["score", "Spearman with Shapley", "Spearman with removal effect", "top-k overlap", "seconds"]
     prov = f"n seeds: {len(runs)}; device: {', '.join(sorted({r['device'] for r in runs}))}; dataset: " \
@@ -563,8 +573,7 @@ def protocol_line(exps: Iterable[Experiment | None], keys: tuple[str, ...] = PRO
 def importance_table(res: Results, root: Path) -> str:
     """Each neuron score: rank agreement with Monte Carlo Shapley and its cost (task 1), final TIL ACC when
     it drives SNV's freeze pipeline."""
-    files = sorted(root.rglob("rank_correlation_seed*.json"))
-    runs = [json.loads(p.read_text()) for p in files]
+    runs = rank_correlation_runs(root)
     exps = {kind: res.get(compare_folder("task_il", "snv" if kind == "shapley" else f"snv-{kind}"),
                           method="snv", importance=kind) for kind in SCORES}
     n, _ = provenance(exps.values())
@@ -861,6 +870,11 @@ def acc_text(exp: Experiment) -> str:
     return f"{mean_std(exp.values('ACC'), pct)} % (seed{'s' if exp.n > 1 else ''} {seeds})"
 
 
+def acc_by_seed(exp: Experiment) -> dict[int, float]:
+    """Each seed's ACC, in %."""
+    return {r["seed"]: 100 * r["metrics"]["ACC"] for r in exp.runs}
+
+
 def mean_acc(exp: Experiment) -> float:
     """Mean ACC over the seeds, in %."""
     return 100 * float(np.mean(exp.values("ACC")))
@@ -869,7 +883,10 @@ def mean_acc(exp: Experiment) -> float:
 def on_seeds(default: Experiment, exp: Experiment) -> str:
     """default's mean ACC on the seeds exp ran: '92.90 % on seed 42' or '93.07 % on seeds 42, 43'."""
     seeds = [r["seed"] for r in exp.runs]
-    acc = float(np.mean([100 * seed_run(default, s)["metrics"]["ACC"] for s in seeds]))
+    base = acc_by_seed(default)
+    if not set(seeds) <= set(base):
+        raise MissingRuns(f"{default.folder} seeds {seeds}")
+    acc = float(np.mean([base[s] for s in seeds]))
     return f"{acc:.2f} % on seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
@@ -920,7 +937,7 @@ def in_short(d: DocResults) -> str:
     """README's summary: the paper-protocol rows against the paper, and the best zero-forgetting variant."""
     til, cil = d.paper("task_il"), d.paper("class_il")
     paper = PAPER_REPORTED["ten_tasks"]
-    exact = all(seed_cell(r, "BWT") == "0 exactly" for r in til.runs)
+    exact = all(forgets_nothing(r) for r in til.runs)
     best = best_til_variant(d.compare)
     default, packnet = d.snv("snv"), d.method("packnet")
     if best is None or best[1] is default:
@@ -991,10 +1008,9 @@ def ablation_findings(d: DocResults) -> str:
     til_dense, cil_dense = (d.paper(s, f"pmnist/snv_{s}_dense") for s in SCENARIOS)
     T = len(d42["accuracy_matrix"])
     k, quota = d42["shapley"][0]["k"], layer_quota(d42)
-    by_seed = {name: {r["seed"]: 100 * r["metrics"]["ACC"] for r in exp.runs} for name, exp in
-               (("packnet", packnet), ("fpl", fpl), ("fplr", fplr))}
-    gains = [acc - by_seed["fpl"][s] for s, acc in by_seed["fplr"].items()]
-    below = [by_seed["packnet"][s] - acc for s, acc in by_seed["fplr"].items()]
+    pk_by_seed, fpl_by_seed = acc_by_seed(packnet), acc_by_seed(fpl)
+    gains = [acc - fpl_by_seed[s] for s, acc in acc_by_seed(fplr).items()]
+    below = [pk_by_seed[s] - acc for s, acc in acc_by_seed(fplr).items()]
     best, top = mean_acc(fplr), best_til_variant(d.compare)
     top_acc = mean_acc(top[1]) if top else best
     rank = "the best variant measured" if top and top[1].folder == fplr.folder else "not the best variant measured"
@@ -1125,7 +1141,7 @@ and the same resets (the best variant above), tasks {T - 2} to {T} reach
 **Reuse is forward transfer.** At the paper's selection, a task that runs through its own S_t alone
 (`--reuse off`) gives {acc_text(noreuse)} against the default's {on_seeds(default, noreuse)};
 reading earlier tasks' frozen neurons is worth about
-{float(np.mean([100 * (seed_run(default, r['seed'])['metrics']['ACC'] - r['metrics']['ACC']) for r in noreuse.runs])):.1f}
+{float(np.mean([acc_by_seed(default)[s] - acc for s, acc in acc_by_seed(noreuse).items()])):.1f}
 points there.
 
 **A larger capacity trades late tasks for early ones.** With c = {c42['args']['sparsity']} (seed 42), ACC is
@@ -1159,10 +1175,9 @@ SCORE_NAMES = {"taylor": "Taylor", "gxd": "GXD", "activation": "activation"}
 def importance_findings(d: DocResults) -> str:
     """docs/results.md's bullets on the neuron scores: what each costs SNV, and how it ranks against Shapley."""
     default = d.snv("snv")
-    base = {r["seed"]: 100 * r["metrics"]["ACC"] for r in default.runs}
+    base = acc_by_seed(default)
     exps = {kind: d.snv(f"snv-{kind}") for kind in SCORES if kind != "shapley"}
-    files = sorted((d.root / "compare").rglob("rank_correlation_seed*.json"))
-    ranks = [json.loads(p.read_text()) for p in files]
+    ranks = rank_correlation_runs(d.root / "compare")
     if not ranks:
         raise MissingRuns("rank_correlation_seed*.json")
     cheap = sorted(SCORE_NAMES, key=lambda kind: -mean_acc(exps[kind]))
