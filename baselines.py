@@ -483,7 +483,7 @@ class SGD(Method):
 @register_method
 class SNV(Method):
     """Shapley Neuron Valuation: after training task t, mu on its validation data, phi by --importance (Monte Carlo
-    Shapley), S_t = top-k(phi) with k = floor(c N), B_t = B_{t-1} u S_t. Masked inference: task t runs through its
+    Shapley), S_t = top-k(phi) with k = floor(c N) (or --capacity-rate's k_t), B_t = B_{t-1} u S_t. Masked inference: task t runs through its
     subnetwork (members of B_t kept, the others = mu), first trained through it for --mask-finetune-epochs."""
 
     name, label, help = "snv", "SNV", "Shapley Neuron Valuation (the paper)"
@@ -498,6 +498,11 @@ class SNV(Method):
         Flag("--candidates", dict(choices=("all", "free"), default="all",
                                   help="snv: S_t is picked among every neuron, B_{t-1} included (the paper), or only "
                                        "among neurons not yet in B_{t-1}, so that each task adds k new neurons")),
+        Flag("--capacity-rate", dict(type=float, default=None, metavar="RHO",
+                                     help="snv with --candidates free: task t takes k_t = max(floor(rho F_t), "
+                                          "floor(F_t / (T - t + 1))) of the F_t neurons not yet in B_{t-1} (front-"
+                                          "loaded like PackNet, which keeps 0.25 of what is free); default: k = "
+                                          "floor(c N) for every task (the paper)"), "(0, 1]"),
         Flag("--reuse", dict(choices=("on", "off"), default="on",
                              help="snv, masked: task t's subnetwork is B_{t-1} u S_t (on) or S_t alone (off); B_t "
                                   "grows the same either way")),
@@ -529,7 +534,8 @@ class SNV(Method):
     def select(self, model: ContinualNet, state: State, loop: Loop) -> tuple[Tensor, Tensor, dict]:
         """mu [N], S_t [N] bool and the task's record: phi by --importance on the task's evaluation set."""
         args, t, n = self.args, loop.task, model.num_neurons
-        k = snv_core.capacity_k(args.sparsity, n)
+        k = (snv_core.capacity_k(args.sparsity, n) if args.capacity_rate is None
+             else snv_core.scheduled_k(args.capacity_rate, n - int(state.frozen.sum()), loop.num_tasks - t))
         mu = snv_core.mean_activations(model, loop.tasks[t].val.batches(args.eval_batch_size, device=loop.device))
         x, y = loop.eval_set()
         v = snv_core.MaskedAccuracy(model, t, x, y, mu, impl=args.shapley_impl, memory_gb=args.shapley_memory_gb)
@@ -952,6 +958,8 @@ def resolve_args(args: argparse.Namespace) -> list[tuple[bool, str]]:
                                                and method.infers_tasks(args)),
          f"--method {args.method} supports --scenario {' or '.join(method.scenarios)} only, not {args.scenario}"
          + (" (class_il only with a --task-inference rule other than heads)" if method.task_inference else "")),
+        (args.capacity_rate is None or (args.method == "snv" and args.candidates == "free"),
+         "--capacity-rate schedules the new neurons of --method snv --candidates free: add --candidates free"),
         (args.reset == "none" or method.resettable,
          f"--reset gxd applies to --method {', '.join(n for n, m in METHODS.items() if m.resettable)}, "
          f"not {args.method}"),

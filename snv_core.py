@@ -732,6 +732,12 @@ def capacity_k(c: float, n: int) -> int:
     return max(1, math.floor(c * n + 1e-9))
 
 
+def scheduled_k(rho: float, free: int, tasks_left: int) -> int:
+    """k_t = max(floor(rho F_t), floor(F_t / (T - t + 1))): rho of the F_t neurons outside B_{t-1}, and at least an
+    equal share of them over the T - t + 1 tasks left, so the last task takes every free neuron."""
+    return max(math.floor(rho * free + 1e-9), free // tasks_left)
+
+
 class Freezer:
     """Keeps everything that belongs to frozen neurons B_t (and to finished heads) bit-identical.
 

@@ -203,6 +203,30 @@ def test_selection_and_reuse_variants_run_and_do_what_they_say(tmp_path, flags):
         assert [m for m, _ in sizes] == [k] * 3 and sizes[-1][1] > k  # S_t alone, while B_t grows
 
 
+def test_scheduled_k_takes_rho_of_the_free_neurons_with_an_equal_share_as_floor():
+    assert snv_core.scheduled_k(0.25, 800, 10) == 200  # rho F_1 > F_1 / 10
+    assert snv_core.scheduled_k(0.25, 178, 4) == 44  # 44.5 floored; the equal share 178 // 4 = 44 ties
+    assert snv_core.scheduled_k(0.25, 133, 3) == 44  # the equal share 133 // 3 wins over 33.25
+    assert snv_core.scheduled_k(0.25, 45, 1) == 45  # the last task takes every free neuron
+    assert snv_core.scheduled_k(0.1, 800, 10) == 80  # rho = 1/T: the paper's uniform k
+
+
+def test_capacity_rate_front_loads_new_neurons_and_fills_the_network(tmp_path):
+    assert train.main(synthetic_args(tmp_path, "--width", "12", "--candidates", "free", "--capacity-rate", "0.5")) == 0
+    data = json.loads((tmp_path / "out" / "seed0.json").read_text())
+    free, expected = sum(data["layer_sizes"]), []
+    for t in range(3):
+        expected.append(snv_core.scheduled_k(0.5, free, 3 - t))
+        free -= expected[-1]
+    assert [r["newly_frozen"] for r in data["shapley"]] == [r["k"] for r in data["shapley"]] == expected
+    assert expected[0] > expected[1] and data["metrics"]["CAP"] == 1.0 and data["metrics"]["BWT"] == 0.0
+
+
+def test_capacity_rate_without_free_candidates_is_refused(tmp_path, capsys):
+    assert train.main(synthetic_args(tmp_path, "--capacity-rate", "0.5")) == 2
+    assert "--capacity-rate" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_outside_ranks_frozen_neurons_last_so_top_k_picks_free_ones_first():
     phi = torch.tensor([0.9, 0.1, 0.8, 0.3, 0.2])
     frozen = torch.tensor([True, False, True, False, False])
