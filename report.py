@@ -1257,7 +1257,7 @@ DOC_BLOCKS: dict[str, Callable[[DocResults], str]] = {
     "seeds-table": lambda d: table_lines(seeds_table(d.full)),
     "ablations": ablation_findings,
     "importance": importance_findings,
-    "importance-table": lambda d: table_lines(importance_table(d.compare, d.root / "compare")),
+    "importance-table": lambda d: importance_table(d.compare, d.root / "compare").split("\n\n", 1)[1],
     "rehearsal-table": rehearsal_table,
 }
 """The generated blocks of README.md and docs/: a block <!-- generated: NAME --> ... <!-- end generated --> holds
