@@ -610,7 +610,9 @@ ABLATIONS = (
       ("task_il", "snv-free-perlayer-mft10-noreuse", "TIL free only per layer + 10 mask epochs, S_t alone"),
       ("task_il", "snv-free-perlayer-mft10-noreuse-reset",
        "TIL free only per layer + 10 mask epochs, S_t alone, plastic neurons re-initialised"),
-      ("task_il", "snv-free-perlayer-mft10-reset", "TIL free only per layer + 10 mask epochs, plastic neurons re-initialised"))),
+      ("task_il", "snv-free-perlayer-mft10-reset", "TIL free only per layer + 10 mask epochs, plastic neurons re-initialised"),
+      ("task_il", "snv-free-perlayer-mft10-reset-rate0.25",
+       "TIL free only per layer + 10 mask epochs, plastic neurons re-initialised, front-loaded (rho 0.25)"))),
 )
 """The SNV ablations of run_experiments_compare.txt: (question, rows (scenario, folder name, label)); each row is
 compared with the default SNV row of its scenario, seed by seed."""
@@ -674,8 +676,8 @@ def best_til_variant(res: Results) -> tuple[str, Experiment] | None:
 
 
 def readings_table(res: Results) -> str:
-    """TIL: the paper-literal dense SNV, the masked default and the best variant with BWT 0, next to PackNet and
-    joint."""
+    """TIL: the paper-literal dense SNV, the masked default and the best variant with BWT 0, next to PackNet (also
+    with the best variant's 10 epochs of training after selection) and joint."""
     default = compare_snv(res, "task_il", "snv")
     joint = res.get(compare_folder("task_il", "joint"), scenario="task_il")
     best = best_til_variant(res)
@@ -683,6 +685,8 @@ def readings_table(res: Results) -> str:
             ("SNV, masked (the default)", default),
             (f"SNV, best with BWT 0 ({best[0]})" if best else "SNV, best with BWT 0", best[1] if best else None),
             (METHODS["packnet"].label, res.get(compare_folder("task_il", "packnet"), scenario="task_il")),
+            (f"{METHODS['packnet'].label}, 10 retraining epochs (--mask-finetune-epochs 10)",
+             res.get(compare_folder("task_il", "packnet-mft10"), scenario="task_il")),
             (METHODS["joint"].label, joint)]
     note = ("Best with BWT 0: the highest mean ACC among the default and its TIL ablation variants below that ran "
             "every seed of the default with BWT exactly 0 on each. It is chosen on these test accuracies, so it is "
