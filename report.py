@@ -1199,7 +1199,7 @@ of training after selection (`--mask-finetune-epochs`; the PackNet row retrains
 {epochs(seed_run(packnet)['args']['mask_finetune_epochs'])}), PackNet reaches {acc_text(pk10)}, {paired(pk10, packnet)}
 points over its row on the same seeds.
 
-What limits SNV here is the number of neurons. Neuron-level freezing at c = {d42['args']['sparsity']} gives each
+These runs point to the number of neurons as SNV's limit here. Neuron-level freezing at c = {d42['args']['sparsity']} gives each
 task {'/'.join(map(str, quota))} new neurons in {'/'.join(names)} (plus read access to the frozen neurons of earlier
 tasks). Task 1, which has nothing to read from, reaches {span(final_accs(r)[0] for r in fplr.runs)} % with 10 epochs
 through the mask and resets. PackNet keeps {100 * (1 - seed_run(packnet)['args']['packnet_prune']):.0f} % of the
