@@ -1086,8 +1086,14 @@ def ablation_findings(d: DocResults) -> str:
     c_full, c_new = full_after(c42), new_neurons(c42)
     if c_full is None:
         raise MissingRuns(f"{c02.folder}: {names[0]} never fills up")
-    nore_txt = "; ".join(f"seed {r['seed']}: {pct(r['metrics']['ACC'])} %, tasks 1 to {T - 1} at "
-                         f"{span(final_accs(r)[:-1])} %, task {T} at {final_accs(r)[-1]:.1f} %" for r in nore.runs)
+    worst = {r["seed"]: int(np.argmin(final_accs(r))) for r in nore.runs}
+    nore_txt = "; ".join(f"seed {r['seed']}: {pct(r['metrics']['ACC'])} %, task {worst[r['seed']] + 1} at "
+                         f"{final_accs(r)[worst[r['seed']]]:.1f} %, the others at "
+                         f"{span(a for t, a in enumerate(final_accs(r)) if t != worst[r['seed']])} %" for r in nore.runs)
+    late = all(t >= T - 3 for t in worst.values())
+    lowest = (f"the lowest task is {'a late one' if late else 'not always a late one'} (task "
+              f"{', '.join(str(t + 1) for t in worst.values())} on seed{'s' if len(worst) > 1 else ''} "
+              f"{', '.join(map(str, worst))})" + (", which suggests that the leftovers are largely silent" if late else ""))
     reset_txt = "; ".join(f"seed {r['seed']}: {pct(r['metrics']['ACC'])} %, tasks {T - 2} to {T} at "
                           + ", ".join(f"{a:.1f}" for a in final_accs(r)[-3:])
                           + f" %, {names[-1]}'s silent units {span((u[-1] for u in r['silent_units']), 0)}"
@@ -1168,8 +1174,7 @@ layer. Reuse of earlier frozen neurons is not what costs them. With `--reuse off
 alone): {nore_txt}. The neurons left for the last tasks are the ones no earlier task selected. Many neurons stop
 firing as training goes on: on each task's validation data, {names[-1]} has {silent[0][-1]} silent units after
 task 1 and {silent[-1][-1]} after task {T} (`silent_units`, seed 42). Task {T} then has exactly the last
-{quota[-1]} free neurons of each layer, and through them alone it falls furthest, which suggests that the
-leftovers are largely silent. With reuse on, the frozen neurons a late task also reads make up for them.
+{quota[-1]} free neurons of each layer. Through S_t alone, {lowest}. With reuse on, the frozen neurons a late task also reads make up for them.
 Re-initialising every plastic neuron before each task (`--reset gxd --reset-rate 1.0`, still S_t alone) brings
 the late tasks back: {reset_txt}. So most of what the late tasks lose is plasticity, not capacity. With reuse on
 and the same resets (the best variant above), tasks {T - 2} to {T} reach
