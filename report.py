@@ -630,13 +630,18 @@ def frozen_per_layer(exp: Experiment | None) -> str:
     return "/".join(f"{100 * v:.0f}" for v in np.mean(rows, axis=0)) if rows else NONE
 
 
+def paired_diffs(exp: Experiment, default: Experiment, key: str = "ACC") -> list[float]:
+    """exp's metric minus default's, seed by seed over the seeds both ran (in exp's order), scaled (ACC: points)."""
+    base = {r["seed"]: r["metrics"].get(key) for r in default.runs}
+    return [scaled(key, r["metrics"][key] - base[r["seed"]]) for r in exp.runs
+            if r["metrics"].get(key) is not None and base.get(r["seed"]) is not None]
+
+
 def paired_difference(exp: Experiment | None, default: Experiment | None, key: str = "ACC") -> str:
     """mean ± std over the seeds both ran of exp's metric minus default's, in points (n noted)."""
     if exp is None or default is None:
         return NOT_RUN if exp is None else NONE
-    base = {r["seed"]: r["metrics"].get(key) for r in default.runs}
-    diffs = [scaled(key, r["metrics"][key] - base[r["seed"]]) for r in exp.runs
-             if r["metrics"].get(key) is not None and base.get(r["seed"]) is not None]
+    diffs = paired_diffs(exp, default, key)
     if not diffs:
         return NONE
     mean, std = stats(diffs)
@@ -915,11 +920,9 @@ def span(values: Iterable[float], digits: int = 1) -> str:
 
 def paired(exp: Experiment, base: Experiment) -> str:
     """exp's ACC minus base's on the seeds both ran, mean ± std in points with a sign: '+0.25 ± 0.04'."""
-    mine, theirs = acc_by_seed(exp), acc_by_seed(base)
-    seeds = sorted(set(mine) & set(theirs))
-    if not seeds:
+    diffs = paired_diffs(exp, base)
+    if not diffs:
         raise MissingRuns(f"{base.folder}: a seed of {exp.folder}")
-    diffs = [mine[s] - theirs[s] for s in seeds]
     return f"{diffs[0]:+.2f}" if len(diffs) == 1 else f"{float(np.mean(diffs)):+.2f} ± {float(np.std(diffs)):.2f}"
 
 
@@ -977,7 +980,7 @@ def in_short(d: DocResults) -> str:
     gain, gap, gap10 = (mean_acc(exp) - mean_acc(e) for e in (default, packnet, pk10))
     versus = f"stays {-gap:.2f} below PackNet" if gap < 0 else f"is {gap:.2f} above PackNet"
     versus += (f" ({abs(gap10):.2f} {'below' if gap10 < 0 else 'above'} it when PackNet too trains "
-               f"{epochs(seed_run(pk10, pk10.runs[0]['seed'])['args']['mask_finetune_epochs'])} after selection)")
+               f"{epochs(pk10.args['mask_finetune_epochs'])} after selection)")
     return reflow(
         f"In short: task-incremental SNV {'forgets nothing, checked bit for bit, and ' if exact else ''}reaches "
         f"{mean_acc(til):.2f} % on PMNIST against the paper's {paper[('pmnist', 'task_il')]['ACC']:.2f} %. "
@@ -1041,9 +1044,7 @@ def ablation_findings(d: DocResults) -> str:
     til_dense, cil_dense = (d.paper(s, f"pmnist/snv_{s}_dense") for s in SCENARIOS)
     T = len(d42["accuracy_matrix"])
     k, quota = d42["shapley"][0]["k"], layer_quota(d42)
-    pk_by_seed, fpl_by_seed = acc_by_seed(packnet), acc_by_seed(fpl)
-    gains = [acc - fpl_by_seed[s] for s, acc in acc_by_seed(fplr).items()]
-    below = [pk_by_seed[s] - acc for s, acc in acc_by_seed(fplr).items()]
+    gains, below = paired_diffs(fplr, fpl), [-x for x in paired_diffs(fplr, packnet)]
     best, top = mean_acc(fplr), best_til_variant(d.compare)
     top_acc = mean_acc(top[1]) if top else best
     rank = "the best variant measured" if top and top[1].folder == fplr.folder else "not the best variant measured"
@@ -1184,7 +1185,7 @@ and the same resets (the best variant above), tasks {T - 2} to {T} reach
 **Reuse is forward transfer.** At the paper's selection, a task that runs through its own S_t alone
 (`--reuse off`) gives {acc_text(noreuse)} against the default's {on_seeds(default, noreuse)};
 reading earlier tasks' frozen neurons is worth about
-{float(np.mean([acc_by_seed(default)[s] - acc for s, acc in acc_by_seed(noreuse).items()])):.1f}
+{-float(np.mean(paired_diffs(noreuse, default))):.1f}
 points there.
 
 **A larger capacity trades late tasks for early ones.** With c = {c42['args']['sparsity']} (seed 42), ACC is
@@ -1199,9 +1200,9 @@ with BWT {mean_std(c005.values('BWT'), pct)}, and its tasks end at
 
 **{verdict}** The variant with free candidates, per-layer quotas, 10 epochs through the mask and resets is
 {abs(pk - best):.2f} points {'below' if best < pk else 'above'} PackNet over {fplr.n} seeds (PackNet minus it, seed by
-seed: {min(below):.2f} to {max(below):.2f} points). Given the same {epochs(seed_run(pk10)['args']['mask_finetune_epochs'])}
+seed: {min(below):.2f} to {max(below):.2f} points). Given the same {epochs(pk10.args['mask_finetune_epochs'])}
 of training after selection (`--mask-finetune-epochs`; the PackNet row retrains
-{epochs(seed_run(packnet)['args']['mask_finetune_epochs'])}), PackNet reaches {acc_text(pk10)}, {paired(pk10, packnet)}
+{epochs(packnet.args['mask_finetune_epochs'])}), PackNet reaches {acc_text(pk10)}, {paired(pk10, packnet)}
 points over its row on the same seeds.
 
 These runs point to the number of neurons as SNV's limit here. Neuron-level freezing at c = {d42['args']['sparsity']} gives each
@@ -1238,7 +1239,7 @@ def importance_findings(d: DocResults) -> str:
         raise MissingRuns("rank_correlation_seed*.json")
     cheap = sorted(SCORE_NAMES, key=lambda kind: -mean_acc(exps[kind]))
     seed_sets = {kind: [r["seed"] for r in exps[kind].runs] for kind in cheap}
-    costs = [float(np.mean([base[s] for s in seed_sets[kind]])) - mean_acc(exps[kind]) for kind in cheap]
+    costs = [-float(np.mean(paired_diffs(exps[kind], default))) for kind in cheap]
     seeds = sorted({s for kind in cheap for s in seed_sets[kind]})
     same = all(seed_sets[kind] == seeds for kind in cheap)
     shapley_acc = float(np.mean([base[s] for s in seeds]))
