@@ -211,29 +211,38 @@ class MLP(ContinualNet):
         return F.relu(self.gates[s](z))
 
     @torch.no_grad()
-    def cross_entropy_grads(self, x: Tensor, y: Tensor, task: int) -> Tensor:
-        """Mean cross-entropy of head `task` on x [B, 1, 28, 28], y [B]; its gradients are written to .grad.
+    def cross_entropy_grads(self, x: Tensor, y: Tensor, task: int, frozen: list[Tensor | None] | None = None
+                            ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Mean cross-entropy of head `task` on x [B, 1, 28, 28], y [B] [], the parameters it depends on, and
+        their gradients (same order), without autograd.
 
-        A hand-written backward of the ungated network: the ATen calls autograd makes for F.linear, relu and
-        F.cross_entropy, in its order and operand layouts (grad W = g^T a), so the gradients are those of
-        loss.backward() bit for bit, without the graph (test_snv.py checks torch.equal). Returns the loss [].
+        The forward of the ungated network and a hand-written backward: the ATen calls autograd makes for F.linear,
+        relu and F.cross_entropy, in its order and operand layouts (grad W = g^T a), so the gradients are those of
+        loss.backward() bit for bit (test_snv.py checks torch.equal). `frozen`: per hidden layer, a bool mask
+        [n_l] of frozen neurons (or None) whose weight rows and bias get gradient exactly 0, dL/dtheta * M as
+        Freezer.mask_gradients writes it; the gradient still flows through them to the layers below.
         """
         linears = list(self.linears)
         head = self.heads[task]
         acts = [x.flatten(1)]  # acts[l]: the input of linears[l]; acts[-1]: the head's
         for lin in linears:
-            acts.append(torch.relu(torch.addmm(lin.bias, acts[-1], lin.weight.t())))
-        logp = torch.log_softmax(torch.addmm(head.bias, acts[-1], head.weight.t()), 1)
+            acts.append(torch.relu(F.linear(acts[-1], lin.weight, lin.bias)))
+        logp = torch.log_softmax(F.linear(acts[-1], head.weight, head.bias), 1)
         loss = F.nll_loss(logp, y)
         grad_logp = torch.zeros_like(logp).scatter_(1, y[:, None], -1.0 / len(y))
         g = torch.ops.aten._log_softmax_backward_data(grad_logp, logp, 1, logp.dtype)  # dL/dlogits [B, C]
+        params, grads = [], []
         for i, layer in enumerate([head] + linears[::-1]):
+            g_own = g
             if i > 0:  # through the ReLU whose output is this layer's output
-                g = torch.ops.aten.threshold_backward(g, acts[-i], 0)
-            layer.weight.grad, layer.bias.grad = torch.mm(g.t(), acts[-1 - i]), g.sum(0)
+                g = g_own = torch.ops.aten.threshold_backward(g, acts[-i], 0)
+                if frozen is not None and frozen[-i] is not None:
+                    g_own = g.masked_fill(frozen[-i], 0.0)
+            params += [layer.weight, layer.bias]
+            grads += [torch.mm(g_own.t(), acts[-1 - i]), g_own.sum(0)]
             if i < len(linears):  # no gradient for the input x
                 g = torch.mm(g, layer.weight)
-        return loss
+        return loss, params, grads
 
 
 class BasicBlock(nn.Module):

@@ -752,14 +752,17 @@ class Freezer:
     def __init__(self, model: ContinualNet, frozen: Tensor, frozen_heads: int) -> None:
         self.entries: list[tuple[Tensor, Tensor, Tensor]] = []
         self.fixed: list[tuple[NeuronBatchNorm2d, Tensor]] = []
+        self.frozen_rows: list[Tensor | None] = []  # per layer: the frozen neurons [n_l] bool, None if none
         for layer, mask in zip(model.layers, model.split_neurons(frozen.to(torch.bool))):
-            idx = mask.nonzero().squeeze(1).to(layer.producer.weight.device)
+            mask = mask.to(layer.producer.weight.device)
+            idx = mask.nonzero().squeeze(1)
+            self.frozen_rows.append(mask if idx.numel() > 0 else None)
             if idx.numel() == 0:
                 continue
             tensors = [layer.producer.weight, layer.producer.bias]
             if layer.bn is not None:
                 tensors += [layer.bn.weight, layer.bn.bias, layer.bn.running_mean, layer.bn.running_var]
-                self.fixed.append((layer.bn, mask.to(layer.bn.weight.device)))
+                self.fixed.append((layer.bn, mask))
             self.entries += [(t, idx, t.detach()[idx].clone()) for t in tensors if t is not None]
         for head in model.heads[:frozen_heads]:
             for p in head.parameters():
@@ -783,9 +786,14 @@ class Freezer:
         """One masked optimizer step: mask gradients, step, restore the frozen entries it may have moved."""
         self.mask_gradients()
         optimizer.step()
+        self.restore_moved(optimizer)
+
+    def restore_moved(self, optimizer: torch.optim.Optimizer) -> None:
+        """After a step of `optimizer` with masked gradients: restore what it may have moved (BatchNorm
+        statistics always; the frozen parameters where `may_move_zero_gradients`)."""
         if may_move_zero_gradients(optimizer):
             self.restore()
-        else:
+        elif self.fixed:  # frozen BatchNorm channels: their running statistics are among the entries
             self.restore(buffers_only=True)
 
     @contextlib.contextmanager
@@ -807,9 +815,8 @@ def may_move_zero_gradients(optimizer: torch.optim.Optimizer) -> bool:
     zero and the update is exactly 0 (p - 0 = p bit for bit). True otherwise (weight decay, SGD momentum, any
     other optimizer), where Freezer.step restores the frozen entries after every step.
     """
-    safe = {torch.optim.Adam: ("weight_decay",), torch.optim.AdamW: ("weight_decay",),
-            torch.optim.SGD: ("weight_decay", "momentum")}
-    keys = safe.get(type(optimizer))
+    safe = {torch.optim.Adam: ("weight_decay",), torch.optim.SGD: ("weight_decay", "momentum")}  # AdamW is an Adam
+    keys = next((k for cls, k in safe.items() if isinstance(optimizer, cls)), None)
     return keys is None or any(group[k] != 0 for group in optimizer.param_groups for k in keys)
 
 

@@ -559,16 +559,51 @@ def test_mlp_hand_written_backward_equals_autograd_bit_for_bit(batch):
     for _ in range(3):
         model.add_head(10)
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    frozen = torch.rand(model.num_neurons, generator=torch.Generator().manual_seed(batch)) < 0.4
+    frozen[:200] = False  # a layer without frozen neurons (its mask is None)
     expected_loss = torch.nn.functional.cross_entropy(model(x, 1), y)
     expected_loss.backward()
-    expected = {name: p.grad for name, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    assert torch.equal(model.cross_entropy_grads(x, y, 1), expected_loss.detach())
-    for name, p in model.named_parameters():
-        assert (p.grad is None) == (expected[name] is None) == name.startswith(("heads.0.", "heads.2.")), name
-        assert p.grad is None or torch.equal(p.grad, expected[name]), name
+    snv_core.Freezer(model, frozen, 0).mask_gradients()
+    expected = {p: p.grad for p in model.parameters()}
+    loss, params, grads = model.cross_entropy_grads(x, y, 1, snv_core.Freezer(model, frozen, 0).frozen_rows)
+    assert torch.equal(loss, expected_loss.detach())
+    assert {id(p) for p in params} == {id(p) for p in model.parameters() if expected[p] is not None}
+    assert len(params) == 10 and not any(p is q for p in params for q in model.heads[0].parameters())
+    for p, g in zip(params, grads):
+        assert torch.equal(g, expected[p])
+    hand = {id(p): g for p, g in zip(params, grads)}
+    rows = hand[id(model.linears[1].weight)][frozen[200:400]]
+    assert rows.numel() > 0 and not rows.any() and hand[id(model.linears[1].weight)].any()  # frozen rows: exactly 0
     dead = float((model.linears[0](x.flatten(1)) <= 0).float().mean())
     assert 0.2 < dead < 0.8  # not vacuous: the ReLU backward zeroes a good share of units
+
+
+@pytest.mark.parametrize("opt,wd", [("adam", 0.0), ("adam", 1e-2), ("adamw", 1e-2)])
+def test_fused_adam_updates_as_torch_adam_bit_for_bit(opt, wd):
+    # FusedAdam calls the fused kernel directly: the same parameters and state as torch.optim.Adam(W)(fused=True)
+    # over steps where some parameters have no gradient, through .grad (step) and as a list (update).
+    shapes = [(20, 30), (20,), (5, 20), (5,)]
+    reference, fused, listed = ([torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
+                                 for i, s in enumerate(shapes)] for _ in range(3))
+    torch_cls = torch.optim.AdamW if opt == "adamw" else torch.optim.Adam
+    optimizers = [torch_cls(reference, lr=0.01, weight_decay=wd, fused=True)]
+    args = train.build_parser().parse_args(["--optimizer", opt, "--weight-decay", str(wd), "--lr", "0.01"])
+    optimizers += [train.make_optimizer(fused, args), train.make_optimizer(listed, args)]
+    assert isinstance(optimizers[1], train.FusedAdam)
+    gen = torch.Generator().manual_seed(9)
+    for step in range(6):
+        grads = [None if step % 3 == 0 and i % 2 else torch.randn(s, generator=gen) for i, s in enumerate(shapes)]
+        for params, optimizer in zip((reference, fused), optimizers):
+            for p, g in zip(params, grads):
+                p.grad = None if g is None else g.clone()
+            optimizer.step()
+        optimizers[2].update([p for p, g in zip(listed, grads) if g is not None], [g for g in grads if g is not None])
+    for p, q, r in zip(reference, fused, listed):
+        assert torch.equal(p, q) and torch.equal(p, r)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(optimizers[0].state[p][key], optimizers[1].state[q][key])
+            assert torch.equal(optimizers[0].state[p][key], optimizers[2].state[r][key])
+    assert int(optimizers[0].state[reference[1]]["step"]) == 4  # not vacuous: skipped where its gradient was None
 
 
 def test_training_steps_through_the_hand_written_backward_change_no_result(tmp_path, monkeypatch):
@@ -588,7 +623,7 @@ def test_training_steps_through_the_hand_written_backward_change_no_result(tmp_p
 @pytest.mark.parametrize("extra,expected", [((), True), (("--scenario", "class_il"), False),
                                             (("--method", "ewc"), False), (("--method", "packnet"), False),
                                             (("--arch", "resnet18", "--width", "4"), False),
-                                            (("--amp", "bf16"), False)])
+                                            (("--amp", "bf16"), False), (("--optimizer", "sgd"), False)])
 def test_hand_written_backward_only_where_it_is_the_same_computation(tmp_path, extra, expected):
     args = train.resolve_args(train.build_parser().parse_args(synthetic_args(tmp_path, *extra)))
     model = build_model(args.arch, (1, 28, 28), args.width)
@@ -596,7 +631,8 @@ def test_hand_written_backward_only_where_it_is_the_same_computation(tmp_path, e
     state = train.State(torch.zeros(model.num_neurons, dtype=torch.bool),
                         method=baselines.build_method(args, model, 0))
     net = train.TrainForward(model, state, args.scenario, 0)
-    assert train.hand_written_backward(net, model, state, args, 0) == expected
+    optimizer = train.make_optimizer(model.parameters(), args)
+    assert train.hand_written_backward(net, model, optimizer, state, args, 0) == expected
 
 
 def test_run_records_each_tasks_silent_units_on_its_validation_data(tmp_path):
