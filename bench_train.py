@@ -7,12 +7,12 @@ Measured (on --device, random inputs and random-pixel stand-ins written to a tem
   - the data pipeline alone, images/s: in-memory (CIFAR-100 pickles, TinyImageNet- and PMNIST-shaped tensors;
     gathered, augmented and normalised on the device) and ImageNet class folders of JPEGs through the DataLoader;
   - Shapley coalitions/s of the fast V(S) evaluator (snv_core.MaskedAccuracy) for the MLP and ResNet-18 32x32;
-  - before vs after, side by side in one process (interleaved rounds; fastest and median of each): the data
-    pipelines of BEFORE_COMMIT's datasets.py (read from git) against the current one, and the masked training
-    step of the paper's MLP at batch 10 (data + step over a whole epoch of 20,000 images, mid-run: 320 frozen
-    neurons, 4 finished heads) with
-    BEFORE_COMMIT's datasets.py, Freezer and step (autograd, a host sync per step; `step_before`) against the
-    current ones (train.train_step: the MLP's hand-written backward); ratios are before / after.
+  - before vs after, side by side in one process (9 interleaved rounds; fastest and median of each, and the
+    median of the rounds' ratios): the data pipelines of BEFORE_COMMIT's datasets.py (read from git) against
+    the current one, and the masked training step of the paper's MLP at batch 10 (data + step over a whole
+    epoch of 20,000 images, mid-run: 320 frozen neurons, 4 finished heads) with BEFORE_COMMIT's datasets.py,
+    Freezer and step (autograd, a host sync per step; `step_before`) against the current ones
+    (train.train_step: the MLP's hand-written backward and FusedAdam.update); ratios are before / after.
 Projected (arithmetic on the measured rates, labelled as such in the JSON): wall time per task and per run
 (one seed, T tasks) of each paper protocol (PAPER section 2: max epochs, batch, 70/10/20 split of each task's
 pooled images) at the maximum number of epochs (early stopping usually ends sooner) plus the Shapley step at
@@ -236,7 +236,9 @@ def masked_epoch(split, freezer_cls: type, step: Callable[..., Tensor],
 
 def before_after(root: Path, device: torch.device, rounds: int, max_batches: int, imagenet_batch: int) -> dict | None:
     """Before (BEFORE_COMMIT's datasets.py) vs after, interleaved in one process: the fastest of `rounds` each
-    (the least disturbed by other load on the machine) and their ratio. Pipelines as in `pipeline_pass` (the same
+    (the least disturbed by other load on the machine) and their ratio; also the ratio of the medians and the
+    median of the rounds' before / after (each pair adjacent in time, so a machine whose speed drifts during
+    the run moves both alike). Pipelines as in `pipeline_pass` (the same
     images for both): a whole in-memory pass; the DataLoader after its first batch, whose seconds are recorded."""
     before, core_before = load_before("datasets"), load_before("snv_core")
     if before is None or core_before is None:
@@ -265,9 +267,12 @@ def before_after(root: Path, device: torch.device, rounds: int, max_batches: int
             runs["after"].append(run_new())
         b, a = (min(r["seconds"] for r in runs[k]) for k in ("before", "after"))
         mb, ma = (statistics.median(r["seconds"] for r in runs[k]) for k in ("before", "after"))
-        out[name] = {**runs, "ratio_before_over_after": b / a, "ratio_of_medians": mb / ma}
+        paired = statistics.median(o["seconds"] / n["seconds"] for o, n in zip(runs["before"], runs["after"]))
+        out[name] = {**runs, "ratio_before_over_after": b / a, "ratio_of_medians": mb / ma,
+                     "median_of_paired_ratios": paired}
         print(f"  {name:46s} before {b:7.3f} s  after {a:7.3f} s  ratio {b / a:5.2f}x  (fastest of {rounds}; "
-              f"medians {mb:7.3f} / {ma:7.3f} s, {mb / ma:5.2f}x)", flush=True)
+              f"medians {mb:7.3f} / {ma:7.3f} s, {mb / ma:5.2f}x; median of the rounds' ratios {paired:5.2f}x)",
+              flush=True)
     return out
 
 
@@ -370,7 +375,7 @@ def main() -> None:
         shapley = {"mlp": shapley_rate("mlp", device, 512, 200 if q else 2000),
                    "resnet32": shapley_rate("resnet32", device, 64 if q else 512, 4 if q else 64)}
         phase("measured: before vs after, side by side")
-        compared = before_after(root, device, rounds=5, max_batches=8 if q else 50,
+        compared = before_after(root, device, rounds=9, max_batches=8 if q else 50,
                                 imagenet_batch=imagenet_batch)
     phase("projected (upper bounds: max epochs, Shapley at its cap of orderings):")
     projected = projections(trained, pipes, shapley)
