@@ -721,8 +721,13 @@ def layer_quotas(k: int, sizes: list[int]) -> list[int]:
 
 
 def top_k_per_layer(phi: Tensor, k: int, sizes: list[int]) -> Tensor:
-    """S_t with layer quotas: in each layer l, the layer_quotas(k, sizes)[l] neurons with the largest phi. [N] bool."""
-    return torch.cat([top_k(p, q) for p, q in zip(torch.split(phi, sizes), layer_quotas(k, sizes))])
+    """S_t with layer quotas: k split in proportion to each layer's candidates (its neurons with phi above -inf:
+    all n_l, or the free ones after `outside`), and in each layer its quota of neurons with the largest phi. So a
+    k of at most the candidates takes only candidates. [N] bool."""
+    layers = torch.split(phi, sizes)
+    candidates = [int((p > float("-inf")).sum()) for p in layers]
+    quotas = layer_quotas(k, candidates if sum(candidates) > 0 else sizes)
+    return torch.cat([top_k(p, q) for p, q in zip(layers, quotas)])
 
 
 def capacity_k(c: float, n: int) -> int:

@@ -184,6 +184,15 @@ def test_per_layer_selection_splits_k_in_proportion_to_layer_sizes():
     assert snv_core.top_k(phi, 5).nonzero().squeeze(1).tolist() == [0, 1, 2, 8, 9]  # global: the other layers' best
 
 
+def test_per_layer_quotas_follow_each_layers_free_neurons():
+    # After `outside`, quotas follow the candidates (free neurons) per layer, not the layer sizes: with k equal to
+    # every free neuron (the last task under --capacity-rate), every free neuron is taken.
+    phi = snv_core.outside(torch.tensor([5.0, 1.0, 2.0, 3.0, 4.0, 6.0]), torch.tensor([0, 0, 0, 1, 1, 0]).bool())
+    assert snv_core.top_k_per_layer(phi, 4, [3, 3]).nonzero().squeeze(1).tolist() == [0, 1, 2, 5]  # quotas [3, 1]
+    assert snv_core.top_k_per_layer(phi, 2, [3, 3]).nonzero().squeeze(1).tolist() == [0, 2]  # 1.5, 0.5 -> [2, 0]
+    assert int(snv_core.top_k_per_layer(torch.full((6,), float("-inf")), 2, [3, 3]).sum()) == 2  # none free: sizes
+
+
 @pytest.mark.parametrize("flags", [("--selection", "per-layer"), ("--reuse", "off"), ("--candidates", "free")])
 def test_selection_and_reuse_variants_run_and_do_what_they_say(tmp_path, flags):
     assert train.main(synthetic_args(tmp_path, "--width", "12", *flags)) == 0
@@ -211,12 +220,16 @@ def test_scheduled_k_takes_rho_of_the_free_neurons_with_an_equal_share_as_floor(
     assert snv_core.scheduled_k(0.1, 800, 10) == 80  # rho = 1/T: the paper's uniform k
 
 
-def test_capacity_rate_front_loads_new_neurons_and_fills_the_network(tmp_path):
-    assert train.main(synthetic_args(tmp_path, "--width", "12", "--candidates", "free", "--capacity-rate", "0.5")) == 0
+@pytest.mark.parametrize("selection", ["global", "per-layer"])
+def test_capacity_rate_front_loads_new_neurons_and_fills_the_network(tmp_path, selection):
+    # rho = 0.4 at width 12 leaves the layers unequally free after task 1 (quotas 5, 5, 5, 4 of k = 19): per-layer
+    # quotas from the layer sizes would then leave free neurons unselected in the last task.
+    assert train.main(synthetic_args(tmp_path, "--width", "12", "--candidates", "free", "--capacity-rate", "0.4",
+                                     "--selection", selection)) == 0
     data = json.loads((tmp_path / "out" / "seed0.json").read_text())
     free, expected = sum(data["layer_sizes"]), []
     for t in range(3):
-        expected.append(snv_core.scheduled_k(0.5, free, 3 - t))
+        expected.append(snv_core.scheduled_k(0.4, free, 3 - t))
         free -= expected[-1]
     assert [r["newly_frozen"] for r in data["shapley"]] == [r["k"] for r in data["shapley"]] == expected
     assert expected[0] > expected[1] and data["metrics"]["CAP"] == 1.0 and data["metrics"]["BWT"] == 0.0
