@@ -407,10 +407,11 @@ DENSE_LABEL = "SNV, paper-literal (--inference dense)"
 PAPER_PROTOCOL_EXTRAS = (  # (scenario, folder, row label, expected arguments)
     ("task_il", "pmnist/snv_task_il_dense", DENSE_LABEL, {"inference": "dense"}),
     ("task_il", "pmnist/snv_task_il_rerun", "SNV, re-run with the lean step (issue 21)", {"inference": "masked"}),
+    ("task_il", "pmnist/snv_task_il_rerun2", "SNV, re-run with FusedAdam (issue 21)", {"inference": "masked"}),
     ("class_il", "pmnist/snv_class_il_dense", DENSE_LABEL, {"inference": "dense"}),
 )
 """The seeds table's extra PMNIST rows next to the main SNV row: run_experiments.sh's dense reading, and the
-default run repeated at a later commit to time the current training step."""
+default run repeated at later commits to time the training step."""
 
 
 def paper_protocol_rows(res: Results, s: str) -> list[tuple[str, Experiment | None]]:

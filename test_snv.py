@@ -617,6 +617,8 @@ def test_fused_adam_updates_as_torch_adam_bit_for_bit(opt, wd):
             assert torch.equal(optimizers[0].state[p][key], optimizers[1].state[q][key])
             assert torch.equal(optimizers[0].state[p][key], optimizers[2].state[r][key])
     assert int(optimizers[0].state[reference[1]]["step"]) == 4  # not vacuous: skipped where its gradient was None
+    with pytest.raises(ValueError, match="one parameter group"):
+        train.FusedAdam([{"params": reference[:1]}, {"params": reference[1:]}], 0.01, wd, False)
 
 
 def test_training_steps_through_the_hand_written_backward_change_no_result(tmp_path, monkeypatch):

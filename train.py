@@ -249,6 +249,8 @@ class FusedAdam(torch.optim.Adam):
     def __init__(self, params, lr: float, weight_decay: float, decoupled_weight_decay: bool) -> None:
         super().__init__(params, lr=lr, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
                          fused=True)
+        if len(self.param_groups) != 1:
+            raise ValueError(f"FusedAdam takes one parameter group, got {len(self.param_groups)}")
         self.lists: dict[tuple[int, ...], tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
 
     @torch.no_grad()
