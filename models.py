@@ -213,7 +213,7 @@ class MLP(ContinualNet):
     @torch.no_grad()
     def cross_entropy_grads(self, x: Tensor, y: Tensor, task: int, frozen: list[Tensor | None] | None = None
                             ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """Mean cross-entropy of head `task` on x [B, 1, 28, 28], y [B] [], the parameters it depends on, and
+        """The mean cross-entropy [] of head `task` on x [B, 1, 28, 28], y [B], the parameters it depends on, and
         their gradients (same order), without autograd.
 
         The forward of the ungated network and a hand-written backward: the ATen calls autograd makes for F.linear,
