@@ -1145,7 +1145,7 @@ through the mask):
   {names[0]} is full after task {fc1_full}, tasks {fc1_full + 1} to {T} get no new {names[0]} neuron, and they end
   at {', '.join(f'{a:.1f}' for a in final_accs(f10)[fc1_full:])} % ({pct(f10['metrics']['ACC'])} % overall;
   {pct(seed_run(free5)['metrics']['ACC'])} % with 5 epochs). Tasks 1 to {fc1_full - 1} reach
-  {span(final_accs(f10)[:fc1_full - 1])} %. With the default's {epochs(d42['args']['mask_finetune_epochs'])} through the mask,
+  {span(final_accs(f10)[:fc1_full - 1])} %. Over all its seeds, 10 epochs give {acc_text(free10)}. With the default's {epochs(d42['args']['mask_finetune_epochs'])} through the mask,
   free candidates alone give {acc_text(free)} against the default's {on_seeds(default, free)}.
 - **Per-layer quotas alone** (`--selection per-layer`, every neuron a candidate) change little:
   {acc_text(perlayer)} against the default's {on_seeds(default, perlayer)}, and on seed 42
