@@ -761,9 +761,10 @@ class Freezer:
         for layer, mask in zip(model.layers, model.split_neurons(frozen.to(torch.bool))):
             mask = mask.to(layer.producer.weight.device)
             idx = mask.nonzero().squeeze(1)
-            self.frozen_rows.append(mask if idx.numel() > 0 else None)
             if idx.numel() == 0:
+                self.frozen_rows.append(None)
                 continue
+            self.frozen_rows.append(mask)
             tensors = [layer.producer.weight, layer.producer.bias]
             if layer.bn is not None:
                 tensors += [layer.bn.weight, layer.bn.bias, layer.bn.running_mean, layer.bn.running_var]

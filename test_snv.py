@@ -576,9 +576,10 @@ def test_mlp_hand_written_backward_equals_autograd_bit_for_bit(batch):
     frozen[:200] = False  # a layer without frozen neurons (its mask is None)
     expected_loss = torch.nn.functional.cross_entropy(model(x, 1), y)
     expected_loss.backward()
-    snv_core.Freezer(model, frozen, 0).mask_gradients()
+    freezer = snv_core.Freezer(model, frozen, 0)
+    freezer.mask_gradients()
     expected = {p: p.grad for p in model.parameters()}
-    loss, params, grads = model.cross_entropy_grads(x, y, 1, snv_core.Freezer(model, frozen, 0).frozen_rows)
+    loss, params, grads = model.cross_entropy_grads(x, y, 1, freezer.frozen_rows)
     assert torch.equal(loss, expected_loss.detach())
     assert {id(p) for p in params} == {id(p) for p in model.parameters() if expected[p] is not None}
     assert len(params) == 10 and not any(p is q for p in params for q in model.heads[0].parameters())
