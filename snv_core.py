@@ -109,25 +109,15 @@ class MaskedAccuracy:
     of an ordering differ by one neuron, which changes the activations of only some images (in the
     MLP, those where its ReLU output differs from relu(mu_i)); the other images reuse the previous
     coalition's activations. Same values as naive.
-    impl="incremental" (MLP only; other models raise ValueError): the K coalitions of a call in order,
-    each from the previous one (see `_IncrementalMLP`). Float64 state: every image's pre-activations z_m
-    of each layer and its logits. When neuron i of layer m joins (or leaves) S, z_{m+1} += W_{m+1}[:, i]
-    (h_i - h_i_old) on the images whose output h_i changed; an image whose z_m changed gets z_{m+1}
-    recomputed from its h_m. Only the images whose naive logits may have changed are re-decided:
-    an image's argmax t is accepted where z_L[t] - B[t] > z_L[c] + B[c] for every c != t, with B a
-    rigorous bound on |naive's float32 logits - z_L|; the others run the naive forward (`recomputed`
-    counts them). So V(S) equals naive's exactly, including ties (a tie has margin 0 < 2B).
-    Error analysis (u = 2^-24, gamma_n = n u / (1 - n u); a float32 product of length n plus a bias, in
-    any summation order, FMA or not, is within gamma_{n+1} (|W| |h| + |b|) of the exact one): naive's
-    layer-1 output is shared bit for bit; at layer m >= 2 naive adds a rounding r_m <= gamma (|W_m| |h^_{m-1}|
-    + |b_m|), our float64 state an inconsistency <= iota_m (float64 rounding of one product and at most K
-    rank updates: ~1e-13 relative). Through a gate (kept: 1-Lipschitz with the ReLU; removed: the exact
-    constant mu in both) and the next layers the logits differ by at most
-    B = sum_m P_m(S) (r_m + iota_m), P_L = I, P_{m-1} = P_m |W_m| D_{m-1}(S), D = diag(1 for members of S),
-    with |h^_{m-1}| <= h_{m-1} + Delta_{m-1} (Delta: the same recursion in the max norm). B is summed in
-    float32 from nonnegative terms and inflated by 2^-10; P is taken for the union of 16 consecutive
-    coalitions (P only grows with S). A neuron toggled in layer m >= 2 leaves naive's image unchanged
-    for sure only where mu_i <= 0 and z_m[i] + Delta_m <= 0 (both outputs relu = 0).
+    impl="incremental" (MLP with 2 or more hidden layers; other models raise ValueError): the K coalitions of a
+    call in order, each from the previous one (see `_IncrementalMLP`). The second layer's pre-activations are
+    naive's own (one batched F.linear over the images whose first-layer output changed); above it, a neuron
+    joining or leaving S moves the next layer by a rank-t term on the images whose output changed, and the
+    layers above are recomputed for those images from the members of S only. An image's argmax t is accepted
+    where z_L[t] - B[t] > z_L[c] + B[c] for every c != t, with B a rigorous bound on |naive's float32 logits -
+    ours| (both roundings, gamma_{n+2} (|W| |h| + |b|) per layer, carried through |W| and the members of S);
+    the others run naive's forward (`recomputed` counts them). So V(S) equals naive's exactly, ties included
+    (a tie has margin 0 < 2B).
     `groups_in[s]`, `groups_out[s]` count the images each half of stage s ran for, in units of E (fast).
     The fast evaluator's chunk is `chunk` coalitions, fewer where `memory_gb` would not hold that many
     coalitions' activations of the widest stage (see `fast_chunk`).
@@ -137,9 +127,9 @@ class MaskedAccuracy:
                  impl: str = "fast", chunk: int = FAST_CHUNK, memory_gb: float = math.inf) -> None:
         if impl not in SHAPLEY_IMPLS:
             raise ValueError(f"unknown Shapley implementation {impl!r}: use one of {', '.join(SHAPLEY_IMPLS)}")
-        if impl == "incremental" and not isinstance(model, MLP):
-            raise ValueError(f"the incremental Shapley evaluator supports the MLP only, not {type(model).__name__}: "
-                             "use --shapley-impl fast")
+        if impl == "incremental" and not (isinstance(model, MLP) and len(model.linears) >= 2):
+            raise ValueError(f"the incremental Shapley evaluator supports the MLP (2 or more hidden layers) only, not "
+                             f"this {type(model).__name__}: use --shapley-impl fast")
         self.model, self.task, self.x, self.y, self.mu = model, task, x, y, mu
         self.impl, self.chunk = impl, fast_chunk(model, x, memory_gb, chunk)
         self.evaluations = 0
@@ -257,207 +247,268 @@ def _gamma(n: int, u: float) -> float:
     return n * u / (1 - n * u)
 
 
-U32, U64 = 2.0 ** -24, 2.0 ** -53
+U32 = 2.0 ** -24
+UP = 1 + 2.0 ** -10  # inflation of a float32 sum of nonnegative terms (its relative error is far below)
 
 
 class _IncrementalMLP:
-    """The incremental evaluator's state over one block of coalitions [K, N] of an MLP (see MaskedAccuracy).
+    """The incremental evaluator over one block of coalitions keeps [K, N] of an MLP (see MaskedAccuracy).
 
-    Layers: hidden m = 0..L-1 with pre-activations z[m] [E, n_m] and outputs h[m] = relu(where(keep_m,
-    z[m], mu_m)); z[L] [E, C] are the logits; linear m (w[m], b[m]) computes z[m] from h[m-1], linear L is
-    the head. z[0] is naive's own float32 first layer (no gate before it: exact); z[1..L], h are float64.
+    Layers: hidden l = 0..L-1 with pre-activations z_l [E, n_l] and outputs h_l = relu(where(keep_l, z_l, mu_l));
+    linear l computes z_l from h_{l-1}; linear L (the head) the logits z_L [E, C]. z_0 and z_1 are naive's own
+    float32 values, bit for bit (z_0 depends on no gate; z_1 comes from the F.linear call naive makes, on
+    rows of h_0). For l >= 2 the state is `state[l]` = [z_l | b_l] [E, n_l + C]: our float32 z_l and b_l >= 0,
+    the part of the bound on |naive's logits - ours| that layers 2..l contribute (see below).
+
+    Per coalition k, the first layer m with a toggled neuron decides the work, on the images R whose h_m changed:
+    m = 0: z_1[R] = naive's rows; m >= 1 with only layer m toggled (at most MAX_RANK neurons): a rank-t update
+    z_{m+1}[R] += (h_new - h_old)[R, t] w_{m+1}[:, t]^T; otherwise all images. Every layer above is recomputed on R
+    from the members M of the layer below only: z_{l+1} = relu(z_l[R, M]) w_{l+1}[:, M]^T + (w_{l+1}[:, ~M]
+    relu(mu)[~M] + b), which costs |R| |M| n instead of E N n. Then image b's argmax t is naive's for sure when
+    z_L[t] - B[t] > z_L[c] + B[c] for every c != t; the other images (`recomputed`) run naive's forward.
+
+    The bound, for the coalitions of a window of WINDOW (P_l is taken for their union U; it only grows with S):
+    B = sum_{l=2..L} P_l e_l with P_L = I, P_{l-1} = P_l |w_l| D_{l-1}(U) (D: diag of U's members; a non-member
+    outputs relu(mu) in both, a member is 1-Lipschitz), e_l >= |naive's z_l - ours| at layer l given the same
+    h_{l-1}. Naive's float32 product is within gamma_{n+1} (|w_l| |h^_{l-1}| + |b_l|) of exact (u = 2^-24, gamma_n
+    = n u / (1 - n u)), with |h^| <= h + D delta_{l-1} (delta: an a priori bound of |naive's z - ours|); ours,
+    the members' product plus a float32 constant, within gamma_{n+2} (|w_l| h_{l-1} + |b_l|). So
+    b_l = b_{l-1} + 2 gamma_{n+2} Q_l h_{l-1}, Q_l = P_l |w_l|, computed in the same product as z_l (the rows
+    [w_l; 2 gamma Q_l] and, for l > 2, an identity that carries b_{l-1}); a rank update adds
+    2 gamma Q_l[:, t] |h_new - h_old| and its own rounding (gamma_{t+2} |d| max|w| + u |z_new|) times P_l 1.
+    Constants (biases, the second-order delta terms) are added at the head. Every term is a float32 sum of
+    nonnegative numbers, inflated by 2^-10 per layer.
     """
 
-    WINDOW = 16  # coalitions sharing one envelope (see `envelope`)
+    WINDOW = 64  # coalitions sharing one P (see above)
+    MAX_RANK = 8  # at most this many neurons toggled in one layer take the rank update
 
     def __init__(self, acc: MaskedAccuracy, keeps: Tensor) -> None:
         model, head = acc.model, acc.model.heads[acc.task]
-        self.acc, self.keeps = acc, keeps
-        self.w = [lin.weight.double() for lin in model.linears] + [head.weight.double()]
-        self.b = [lin.bias.double() for lin in model.linears] + [head.bias.double()]
-        self.abs_w = [w.abs().float() for w in self.w]
-        self.abs_b = [b.abs().float() for b in self.b]
-        self.depth = len(model.linears)
-        self.mu = [m.double() for m in acc.mu_layers]
+        self.acc, self.keeps, self.depth = acc, keeps, len(model.linears)
+        self.w = [lin.weight for lin in model.linears] + [head.weight]
+        self.b = [lin.bias for lin in model.linears] + [head.bias]
+        self.abs_w = [w.abs() for w in self.w]
+        self.wmax = [w.amax(0) for w in self.abs_w]  # [n_{l-1}]: max_j |w_l[j, i]|
+        self.n = [w.shape[0] for w in self.w]
+        self.classes = self.n[-1]
+        self.mu = [torch.relu(m) for m in acc.mu_layers]  # a non-member's output
         self.layer_keeps = model.split_neurons(keeps)
-        self.g32 = [_gamma(w.shape[1] + 1, U32) for w in self.w]
-        self.row_sum = [float(w.sum(1).max()) * (1 + 2.0 ** -10) for w in self.abs_w]  # float32 sums, rounded up
-        self.b_max = [float(b.max()) for b in self.abs_b]
-        self.z1 = model.stage_in(0, acc.x)
-        e, dev = acc.x.shape[0], keeps.device
-        self.z, self.h = [self.z1.double()], []
-        for m in range(self.depth):
-            self.h.append(self.hidden(m, 0, self.z[m]))
-            self.z.append(self.h[m] @ self.w[m + 1].T + self.b[m + 1])
-        self.h_max = [h.amax(1) for h in self.h]  # per image, an upper bound of max_j h[m][:, j]
-        # a priori bounds of |h[m]| and |z[m]| for iota: |z[m]| <= |w_m| h_bound + |b_m| + iota <= z_bound
-        # (iota is below that sum while 4 k gamma^64_{n+3} <= 1, i.e. for any practical number k of steps)
-        self.z_bound, self.h_bound = [float(self.z1.abs().max())], []
-        for m in range(1, self.depth + 1):
-            self.h_bound.append(max(self.z_bound[-1], float(self.mu[m - 1].abs().max())))
-            self.z_bound.append(2 * (self.row_sum[m] * self.h_bound[-1] + self.b_max[m]))
-        self.pred = torch.full((keeps.shape[0], e), -1, dtype=torch.long, device=dev)
-        self.pending: list[tuple[int, Tensor]] = []
+        self.g = [_gamma(w.shape[1] + 2, U32) for w in self.w]
+        self.z0 = model.stage_in(0, acc.x)
+        self.e, dev = acc.x.shape[0], keeps.device
+        self.all = torch.arange(self.e, device=dev)
+        self.ext = torch.arange(self.classes, device=dev)
+        self.state = [None, None] + [torch.empty(self.e, n + self.classes, device=dev) for n in self.n[2:]]
+        self.z = [self.z0, None] + [s[:, :n] for s, n in zip(self.state[2:], self.n[2:])]
+        self.schedule()
+        self.delta = self.a_priori_deltas()
+        self.cache: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * self.depth
+        self.records: list[tuple[int, Tensor, Tensor]] = []
         self.recomputed = 0
-        self.envelopes: dict[int, tuple[list[float], list[tuple[Tensor, Tensor, Tensor]]]] = {}
 
-    def hidden(self, m: int, k: int, z: Tensor, units: Tensor | None = None) -> Tensor:
-        """relu(where(keep_m of coalition k, z, mu_m)) on z [R, n_m] (or on the columns `units` of it)."""
-        keep, mu = self.layer_keeps[m][k], self.mu[m]
-        if units is not None:
-            keep, mu = keep[units], mu[units]
-        return torch.relu(torch.where(keep, z, mu))
+    def schedule(self) -> None:
+        """Per coalition k: `first[k]` (the first layer with a toggled neuron; depth if none), `toggled[k]` (its
+        layers) and, where first[k] >= 1, `local[k]` = (toggled neurons of that layer, their new and old keep)."""
+        k_count, n = self.keeps.shape
+        pairs = (self.keeps[1:] != self.keeps[:-1]).nonzero()
+        offsets = torch.tensor([0] + self.n[:-1], device=self.keeps.device).cumsum(0)
+        layer = torch.bucketize(pairs[:, 1], offsets[1:], right=True)
+        counts = torch.bincount(pairs[:, 0] + 1, minlength=k_count).tolist()
+        first = torch.full((k_count,), self.depth, dtype=torch.long, device=self.keeps.device)
+        first.scatter_reduce_(0, pairs[:, 0] + 1, layer, "amin")
+        self.first = first.tolist()
+        self.toggled = [set(ls.tolist()) for ls in torch.split(layer, counts)]
+        self.local: list[tuple[Tensor, Tensor, Tensor] | None] = []
+        for k, (m, t) in enumerate(zip(self.first, torch.split(pairs[:, 1], counts))):
+            if m in (0, self.depth):
+                self.local.append(None)
+                continue
+            t = t[t < offsets[m + 1]] - offsets[m]
+            self.local.append((t, self.layer_keeps[m][k][t], self.layer_keeps[m][k - 1][t]))
 
-    def iota(self, k: int) -> list[float]:
-        """iota_m >= |z[m] - (w_m h[m-1] + b_m)| after at most k steps, m = 0..L (iota_0 = 0): the float64
-        rounding of the last fresh product, gamma^64_{n+1} (|w_m| |h| + |b_m|), plus that of each rank update
-        since, gamma^64_{n+3} (|z[m]| + |w_m| |h_old - h_new|), with |h[m]| <= h_bound[m], |z[m]| <= z_bound[m]."""
-        return [0.0] + [_gamma(self.w[m].shape[1] + 1, U64) * self.z_bound[m]
-                        + k * _gamma(self.w[m].shape[1] + 3, U64) * (self.z_bound[m] + 2 * self.row_sum[m] * self.h_bound[m - 1])
-                        for m in range(1, self.depth + 1)]
+    def a_priori_deltas(self) -> list[float]:
+        """delta_l >= |naive's z_l - ours| for every image and coalition of the block (delta_0 = delta_1 = 0), from
+        |h_l| <= h_bound_l and the rounding of at most WINDOW rank updates: the second-order term of the bound."""
+        row_sum = [float(w.sum(1).max()) * UP for w in self.abs_w]
+        z_bound, h_bound = float(self.z0.abs().max()), []
+        out = [0.0, 0.0]
+        for l in range(1, self.depth):
+            h_bound.append(max(z_bound, float(self.mu[l - 1].max())))
+            z_bound = 2 * (row_sum[l] * h_bound[-1] + float(self.b[l].abs().max()))
+            if l >= 2:
+                ranks = self.WINDOW * (_gamma(self.MAX_RANK + 2, U32) * 2 * row_sum[l] * h_bound[-1] + U32 * z_bound)
+                out.append((row_sum[l] * out[-1] + 2 * self.g[l] * (row_sum[l] * (h_bound[-1] + out[-1])
+                                                                     + float(self.b[l].abs().max())) + ranks) * UP)
+        return out
+
+    def naive_z1(self) -> None:
+        """Naive's z_1 rows for every coalition where h_0 changes (`rows1[k]`, None where it does not), from one
+        F.linear over all of them (coalition 0's E rows first; with E < 4 one call per coalition, on its E rows,
+        as BLAS sums batches of 1 to 3 rows in another order)."""
+        keep0, mu = self.layer_keeps[0], self.mu[0]
+        h = torch.relu(torch.where(keep0[0], self.z0, mu))
+        chunks, self.rows1 = [h.clone()], [self.all]
+        for k in range(1, self.keeps.shape[0]):
+            if self.first[k] != 0:
+                self.rows1.append(None)
+                continue
+            t = (keep0[k] != keep0[k - 1]).nonzero().squeeze(1)
+            col = torch.relu(torch.where(keep0[k][t], self.z0[:, t], mu[t]))
+            rows = self.all if self.e < 4 else (col != h[:, t]).any(1).nonzero().squeeze(1)
+            h[:, t] = col
+            self.rows1.append(rows)
+            chunks.append(h.index_select(0, rows))
+        lin = self.acc.model.linears[1]
+        out = [lin(c) for c in chunks] if self.e < 4 else torch.split(lin(torch.cat(chunks)), [c.shape[0] for c in chunks])
+        self.z1_rows = iter(out)
+
+    def start_window(self, k: int) -> None:
+        """P, the product rows [w_l; 2 gamma Q_l] and the head's constant for coalitions k..k+WINDOW-1; every layer
+        recomputed for coalition k."""
+        hi = min(k + self.WINDOW, self.keeps.shape[0])
+        union = [lk[k:hi].any(0).float() for lk in self.layer_keeps]
+        prop = torch.eye(self.classes, device=self.keeps.device)
+        self.wq: list[Tensor | None] = [None] * (self.depth + 1)
+        self.p1: list[Tensor | None] = [None] * (self.depth + 1)
+        const = torch.zeros(self.classes, device=self.keeps.device)
+        for l in range(self.depth, 1, -1):
+            q = prop @ self.abs_w[l] * UP
+            self.p1[l] = prop.sum(1) * UP
+            self.wq[l] = torch.cat([self.w[l], q * (2 * self.g[l] * UP)])
+            if l > 2:
+                carry = torch.cat([torch.zeros(self.n[l], self.classes), torch.eye(self.classes)]).to(q)
+                self.wq[l] = torch.cat([self.wq[l], carry], 1)
+            const += (2 * self.g[l] * (prop @ self.b[l].abs()) + self.g[l] * (q @ union[l - 1]) * self.delta[l - 1]) * UP
+            prop = q * union[l - 1]
+        self.head_const = const * UP
+        self.cache = [None] * self.depth
+        for l in range(1, self.depth):
+            self.fresh(l, k, self.all)
+
+    def weights(self, l: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """For layer l's members M at coalition k: (M, and for l >= 2 the b_l columns; the product's rows for them
+        [|M| (+C), n_{l+1} + C]; its constant: the non-members' relu(mu) times their rows, plus the bias)."""
+        if self.cache[l] is None:
+            keep = self.layer_keeps[l][k]
+            cols, rest = keep.nonzero().squeeze(1), torch.where(keep, 0.0, self.mu[l])
+            if l > 1:
+                cols, rest = torch.cat([cols, self.n[l] + self.ext]), torch.cat([rest, self.ext * 0.0])
+            const = self.wq[l + 1] @ rest
+            const[:self.n[l + 1]] += self.b[l + 1]
+            if l == self.depth - 1:
+                const[self.classes:] += self.head_const
+            self.cache[l] = (cols, self.wq[l + 1].index_select(1, cols).T, const)
+        return self.cache[l]
+
+    def fresh(self, l: int, k: int, rows: Tensor) -> None:
+        """state[l+1][rows] = relu(z_l | b_l)[rows, M] [w; 2 gamma Q; carry][:, M]^T + constant."""
+        cols, rows_w, const = self.weights(l, k)
+        src = self.state[l] if l > 1 else self.z[1]
+        src = src if rows.numel() == self.e else src.index_select(0, rows)
+        self.state[l + 1].index_copy_(0, rows, torch.addmm(const, torch.relu(src.index_select(1, cols)), rows_w))
+
+    def rank_update(self, m: int, t: Tensor, d: Tensor, rows: Tensor) -> None:
+        """state[m+1][rows] += d [w; 2 gamma Q][:, t]^T for h_m changed by d [R, t] at neurons t (|d| in the bound
+        columns), and the update's own rounding times P_{m+1} 1."""
+        n = self.n[m + 1]
+        s = self.state[m + 1].index_select(0, rows)
+        cols = self.wq[m + 1].index_select(1, t)
+        s[:, :n].addmm_(d, cols[:n].T)
+        size = d.abs()
+        own = (_gamma(t.numel() + 2, U32) * (size @ self.wmax[m + 1][t]) + U32 * s[:, :n].abs().amax(1)) * UP
+        s[:, n:].addmm_(torch.cat([size, own.unsqueeze(1)], 1),
+                        torch.cat([cols[n:n + self.classes].T, self.p1[m + 1].unsqueeze(0)]))
+        self.state[m + 1].index_copy_(0, rows, s)
+
+    def step(self, k: int) -> Tensor | None:
+        """Move the state from coalition k-1 to k; returns the images whose logits or bound changed."""
+        first = m = self.first[k]
+        if m == self.depth:
+            return None
+        if m == 0:  # z_1 is already naive's (see run)
+            rows, m = self.rows1[k], 1
+        else:
+            t, new, old = self.local[k]
+            z, mu = self.z[m][:, t], self.mu[m][t]
+            d = torch.relu(torch.where(new, z, mu)) - torch.relu(torch.where(old, z, mu))
+            rows = (d != 0).any(1).nonzero().squeeze(1)
+            if len(self.toggled[k]) == 1 and t.numel() <= self.MAX_RANK and m < self.depth - 1:
+                self.cache[m] = None
+                if rows.numel():
+                    self.rank_update(m, t, d.index_select(0, rows), rows)
+                m += 1
+        for l in range(m, self.depth):
+            if l in self.toggled[k]:
+                self.cache[l] = None
+                if l > first:
+                    rows = self.all
+            if rows.numel():
+                self.fresh(l, k, rows)
+        return rows
 
     def run(self) -> Tensor:
-        e = self.acc.x.shape[0]
-        self.certify(0, torch.arange(e, device=self.keeps.device))
-        for k in range(1, self.keeps.shape[0]):
-            self.pred[k] = self.pred[k - 1]
-            self.certify(k, self.step(k))
+        """V [K] float64."""
+        self.naive_z1()
+        for k in range(self.keeps.shape[0]):
+            if self.rows1[k] is not None:
+                z1 = next(self.z1_rows)
+                self.z[1] = z1.clone() if k == 0 else self.z[1].index_copy_(0, self.rows1[k], z1)
+            if k % self.WINDOW == 0:
+                self.start_window(k)
+                rows = self.all
+            else:
+                rows = self.step(k)
+                if rows is None or rows.numel() == 0:
+                    continue
+            self.records.append((k, rows, self.state[-1].index_select(0, rows)))
+        self.decide()
         self.exact()
-        for k in range(1, self.keeps.shape[0]):  # unflagged images inherit coalition k-1's (possibly exact) answer
-            self.pred[k] = torch.where(self.pred[k] < 0, self.pred[k - 1], self.pred[k])
         return (self.pred == self.acc.y).double().mean(1)
 
-    def step(self, k: int) -> Tensor:
-        """Move the state from coalition k-1 to k; returns the images whose naive logits may have changed."""
-        e, dev = self.acc.x.shape[0], self.keeps.device
-        flag = torch.zeros(e, dtype=torch.bool, device=dev)
-        rows = torch.empty(0, dtype=torch.long, device=dev)
-        for m in range(self.depth):
-            z, h = self.z[m], self.h[m]
-            h_rows = self.hidden(m, k, z.index_select(0, rows))
-            changed = (h_rows != h.index_select(0, rows)).any(1)
-            dense = rows[changed]
-            h[rows], self.h_max[m][rows] = h_rows, h_rows.amax(1)
-            tog = (self.layer_keeps[m][k] != self.layer_keeps[m][k - 1]).nonzero().squeeze(1)
-            low = rows[:0]
-            if tog.numel() > 0:
-                h_tog = self.hidden(m, k, z[:, tog], tog)
-                d = h_tog - h[:, tog]
-                moved = (d != 0).any(1)
-                flag |= moved
-                if m > 0:
-                    flag |= self.may_move(k, m, tog, ~flag)
-                h[:, tog] = h_tog
-                moved[rows] = False
-                low = moved.nonzero().squeeze(1)
-                self.h_max[m][low] = torch.maximum(self.h_max[m][low], h_tog[low].amax(1))
-            rows = torch.cat([dense, low])
-            nxt = self.z[m + 1]
-            if dense.numel() > 0:
-                nxt[dense] = h.index_select(0, dense) @ self.w[m + 1].T + self.b[m + 1]
-            if low.numel() > 0:
-                nxt[low] += d[low] @ self.w[m + 1][:, tog].T
-        return flag.nonzero().squeeze(1)
-
-    def may_move(self, k: int, m: int, tog: Tensor, rows: Tensor) -> Tensor:
-        """[E] bool: among `rows` ([E] bool, images whose naive state so far is unchanged), those where a
-        toggled unit of hidden layer m >= 1 may output something else in naive: certain only where
-        mu_i <= 0 and z[m] + Delta_m <= 0 (both outputs are then relu = 0)."""
-        if bool((self.mu[m][tog] > 0).any()):
-            return rows
-        idx = rows.nonzero().squeeze(1)
-        out = torch.zeros_like(rows)
-        out[idx] = self.z[m][idx][:, tog].amax(1) + self.deltas(k, idx)[m] > 0
-        return out
-
-    def envelope(self, k: int) -> tuple[list[float], list[tuple[Tensor, Tensor, Tensor]]]:
-        """For the union U of the coalitions in k's window of WINDOW (P, Q, rho grow with the coalition, so
-        U's bound each of them): rho_m = max_j sum_{i in U} |w_m[j, i]| (m = 1..L-1, rho_0 unused) and, for
-        m = L..1, (Q_m = P_m |w_m| [C, n_{m-1}], Q_m D_{m-1} 1 [C], P_m |b_m| [C] + iota-free P_m 1 [C]),
-        with P_L = I, P_{m-1} = P_m |w_m| D_{m-1} (D = diag of U's members)."""
-        w = k // self.WINDOW
-        if w not in self.envelopes:
-            lo, hi = w * self.WINDOW, min((w + 1) * self.WINDOW, self.keeps.shape[0])
-            union = [lk[lo:hi].any(0).float() for lk in self.layer_keeps]
-            rho = [0.0] + [float((self.abs_w[m] @ union[m - 1]).max()) * (1 + 2.0 ** -10) for m in range(1, self.depth)]
-            prop = torch.eye(self.w[-1].shape[0], device=self.keeps.device)  # P_L
-            mats = []
-            for m in range(self.depth, 0, -1):
-                q = prop @ self.abs_w[m]
-                mats.append((q, q @ union[m - 1], torch.stack([prop @ self.abs_b[m], prop.sum(1)])))
-                prop = q * union[m - 1]
-            self.envelopes = {w: (rho, mats)}
-        return self.envelopes[w]
-
-    def deltas(self, k: int, idx: Tensor) -> list[Tensor]:
-        """Delta_m [R] >= max_j |naive z[m] - z[m]| of images idx at coalition k, m = 0..L-1 (Delta_0 = 0)."""
-        iota, rho = self.iota(k), self.envelope(k)[0]
-        out = [torch.zeros(idx.numel(), dtype=torch.float64, device=idx.device)]
-        for m in range(1, self.depth):
-            prev, h_max = out[-1], self.h_max[m - 1].index_select(0, idx)
-            out.append((rho[m] * prev + self.g32[m] * (self.row_sum[m] * (h_max + prev) + self.b_max[m]) + iota[m])
-                       * (1 + 2.0 ** -10))
-        return out
-
-    def certify(self, k: int, idx: Tensor) -> None:
-        """Set pred[k, idx] where the rigorous bound B on |naive logits - z[L]| leaves naive's argmax no
-        choice; set the rest to -1 and queue them for the exact path. B's nonnegative terms are summed in
-        float32 (relative error < 1e-4) and inflated by 2^-10. First with the cheaper B' >= B that bounds
-        |h[m-1]| by its maximum, then with B on the images B' leaves undecided."""
-        if idx.numel() == 0:
-            return
-        delta, iota, mats = self.deltas(k, idx), self.iota(k), self.envelope(k)[1]
-        layers = list(zip(range(self.depth, 0, -1), mats))
-        base = sum(self.g32[m] * (delta[m - 1].float().unsqueeze(1) * qd + pb[0]) + iota[m] * pb[1]
-                   for m, (_, qd, pb) in layers)
-        logits = self.z[-1].index_select(0, idx)
-        cheap = base + sum(self.g32[m] * self.h_max[m - 1].index_select(0, idx).float().unsqueeze(1) * q.sum(1)
-                           for m, (q, _, _) in layers)
-        top, sure = self.decide(logits, cheap)
-        if not bool(sure.all()):
-            rest = (~sure).nonzero().squeeze(1)
-            full = base[rest] + sum(self.g32[m] * self.h[m - 1].index_select(0, idx[rest]).float() @ q.T
-                                    for m, (q, _, _) in layers)
-            top[rest], sure[rest] = self.decide(logits[rest], full)
-        self.pred[k, idx] = torch.where(sure, top, -1)
-        self.pending.append((k, idx[~sure]))
-
-    @staticmethod
-    def decide(logits: Tensor, bound: Tensor) -> tuple[Tensor, Tensor]:
-        """logits [R, C] float64 within bound [R, C] (float32 sums) of naive's -> (argmax [R], whether
-        naive's argmax is surely it [R]): its lower end exceeds every other class's upper end."""
-        bound = bound.double() * (1 + 2.0 ** -10) + 4 * U64 * logits.abs()  # and the rounding of logits -+ B
+    def decide(self) -> None:
+        """pred [K, E]: each image's argmax at its latest re-decision where certain, else -1 (for `exact`)."""
+        rows = torch.cat([r for _, r, _ in self.records])
+        coalition = torch.repeat_interleave(torch.tensor([k for k, _, _ in self.records], device=rows.device),
+                                            torch.tensor([r.numel() for _, r, _ in self.records], device=rows.device))
+        last = torch.cat([s for _, _, s in self.records])
+        logits, bound = last[:, :self.classes], last[:, self.classes:]
         top = logits.argmax(1, keepdim=True)
-        low = (logits - bound).gather(1, top).squeeze(1)
-        high = (logits + bound).scatter(1, top, -math.inf).amax(1)
-        return top.squeeze(1), low > high
+        low = logits.gather(1, top).squeeze(1).double() - bound.gather(1, top).squeeze(1).double() * UP
+        high = (logits + bound).scatter_(1, top, -math.inf).amax(1).double()  # a float32 sum: within u of exact
+        sure = low > high + 2 * U32 * (high.abs() + low.abs() + bound.amax(1).double())
+        k_count = self.keeps.shape[0]
+        event = torch.zeros(k_count, self.e, dtype=torch.bool, device=rows.device)
+        event[coalition, rows] = True
+        value = torch.full((k_count, self.e), -1, dtype=torch.long, device=rows.device)
+        value[coalition, rows] = torch.where(sure, top.squeeze(1), -1)
+        latest = torch.where(event, torch.arange(k_count, device=rows.device).unsqueeze(1), 0).cummax(0).values
+        self.pred = value.gather(0, latest)
 
     @torch.no_grad()
     def exact(self) -> None:
-        """The naive forward for the queued (coalition, image) pairs, batched (at least E rows per batch,
-        as in the fast path); with E < 4, whole naive passes."""
+        """Naive's forward for the undecided (coalition, image) pairs, batched (at least E rows per batch, as in the
+        fast path); with E < 4, whole naive passes."""
         acc, model = self.acc, self.acc.model
-        pairs = [(torch.full_like(idx, k), idx) for k, idx in self.pending if idx.numel() > 0]
-        if not pairs:
+        coalition, image = (self.pred < 0).nonzero().unbind(1)
+        if coalition.numel() == 0:
             return
-        coalition, image = (torch.cat(t) for t in zip(*pairs))
         self.recomputed += coalition.numel()
-        e = acc.x.shape[0]
-        if e < 4:
+        if self.e < 4:
             for k in coalition.unique().tolist():
                 with model.gated(self.keeps[k], acc.mu):
                     self.pred[k] = model(acc.x, acc.task).argmax(1)
             return
         for c, i in zip(torch.split(coalition, 4096), torch.split(image, 4096)):
             m = c.numel()
-            pad = torch.arange(max(e - m, 0), device=c.device) % m
+            pad = torch.arange(max(self.e - m, 0), device=c.device) % m
             c_all, i_all = torch.cat([c, c[pad]]), torch.cat([i, i[pad]])
-            h = self.z1.index_select(0, i_all)
+            h = self.z0.index_select(0, i_all)
             layer_keeps = model.split_neurons(self.keeps.index_select(0, c_all))
             for s in range(self.depth):
-                zz = h if s == 0 else model.stage_in(s, h)
+                z = h if s == 0 else model.stage_in(s, h)
                 with model.gated_layers({s: (layer_keeps[s], acc.mu_layers[s])}):
-                    h = model.stage_out(s, zz)
+                    h = model.stage_out(s, z)
             self.pred[c, i] = model.heads[acc.task](model.pool(h))[:m].argmax(1)
 
 
