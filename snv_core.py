@@ -282,6 +282,7 @@ class _IncrementalMLP:
 
     WINDOW = 64  # coalitions sharing one P (see above)
     MAX_RANK = 8  # at most this many neurons toggled in one layer take the rank update
+    GROUP = 4096  # rows per F.linear of naive's z_1
 
     def __init__(self, acc: MaskedAccuracy, keeps: Tensor) -> None:
         model, head = acc.model, acc.model.heads[acc.task]
@@ -309,7 +310,8 @@ class _IncrementalMLP:
 
     def schedule(self) -> None:
         """Per coalition k: `first[k]` (the first layer with a toggled neuron; depth if none), `toggled[k]` (its
-        layers) and, where first[k] >= 1, `local[k]` = (toggled neurons of that layer, their new and old keep)."""
+        layers) and, where first[k] >= 1, `local[k]` = (that layer's toggled neurons t, +1 where t joins and -1 where it
+        leaves, relu(mu)[t], max_j |w_{m+1}[j, t]|)."""
         k_count, n = self.keeps.shape
         pairs = (self.keeps[1:] != self.keeps[:-1]).nonzero()
         offsets = torch.tensor([0] + self.n[:-1], device=self.keeps.device).cumsum(0)
@@ -319,13 +321,13 @@ class _IncrementalMLP:
         first.scatter_reduce_(0, pairs[:, 0] + 1, layer, "amin")
         self.first = first.tolist()
         self.toggled = [set(ls.tolist()) for ls in torch.split(layer, counts)]
-        self.local: list[tuple[Tensor, Tensor, Tensor] | None] = []
+        self.local: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] = []
         for k, (m, t) in enumerate(zip(self.first, torch.split(pairs[:, 1], counts))):
             if m in (0, self.depth):
                 self.local.append(None)
                 continue
             t = t[t < offsets[m + 1]] - offsets[m]
-            self.local.append((t, self.layer_keeps[m][k][t], self.layer_keeps[m][k - 1][t]))
+            self.local.append((t, self.layer_keeps[m][k][t] * 2.0 - 1.0, self.mu[m][t], self.wmax[m + 1][t]))
 
     def a_priori_deltas(self) -> list[float]:
         """delta_l >= |naive's z_l - ours| for every image and coalition of the block (delta_0 = delta_1 = 0), from
@@ -343,12 +345,21 @@ class _IncrementalMLP:
         return out
 
     def naive_z1(self) -> None:
-        """Naive's z_1 rows for every coalition where h_0 changes (`rows1[k]`, None where it does not), from one
-        F.linear over all of them (coalition 0's E rows first; with E < 4 one call per coalition, on its E rows,
-        as BLAS sums batches of 1 to 3 rows in another order)."""
-        keep0, mu = self.layer_keeps[0], self.mu[0]
+        """Naive's z_1 rows for every coalition where h_0 changes (`rows1[k]`, None where it does not), from F.linear
+        on batches of GROUP or more rows (at least E: coalition 0's E rows, or padding; with E < 4 one call per
+        coalition on its E rows, as BLAS sums batches of 1 to 3 rows in another order)."""
+        keep0, mu, lin = self.layer_keeps[0], self.mu[0], self.acc.model.linears[1]
         h = torch.relu(torch.where(keep0[0], self.z0, mu))
-        chunks, self.rows1 = [h.clone()], [self.all]
+        chunks, self.rows1, out = [h.clone()], [self.all], []
+
+        def flush() -> None:
+            sizes = [c.shape[0] for c in chunks]
+            pad = [h[:max(self.e - sum(sizes), 0)]]
+            out.extend(torch.split(lin(torch.cat(chunks + pad)), sizes + [pad[0].shape[0]])[:len(sizes)])
+            chunks.clear()
+
+        if self.e < 4:
+            flush()
         for k in range(1, self.keeps.shape[0]):
             if self.first[k] != 0:
                 self.rows1.append(None)
@@ -359,8 +370,10 @@ class _IncrementalMLP:
             h[:, t] = col
             self.rows1.append(rows)
             chunks.append(h.index_select(0, rows))
-        lin = self.acc.model.linears[1]
-        out = [lin(c) for c in chunks] if self.e < 4 else torch.split(lin(torch.cat(chunks)), [c.shape[0] for c in chunks])
+            if self.e < 4 or sum(c.shape[0] for c in chunks) >= self.GROUP:
+                flush()
+        if chunks:
+            flush()
         self.z1_rows = iter(out)
 
     def start_window(self, k: int) -> None:
@@ -401,51 +414,57 @@ class _IncrementalMLP:
             self.cache[l] = (cols, self.wq[l + 1].index_select(1, cols).T, const)
         return self.cache[l]
 
-    def fresh(self, l: int, k: int, rows: Tensor) -> None:
-        """state[l+1][rows] = relu(z_l | b_l)[rows, M] [w; 2 gamma Q; carry][:, M]^T + constant."""
+    def fresh(self, l: int, k: int, rows: Tensor, src: Tensor | None = None) -> Tensor:
+        """state[l+1][rows] = relu(z_l | b_l)[rows, M] [w; 2 gamma Q; carry][:, M]^T + constant; src: state[l][rows]
+        where the caller has it. Returns state[l+1][rows]."""
         cols, rows_w, const = self.weights(l, k)
-        src = self.state[l] if l > 1 else self.z[1]
-        src = src if rows.numel() == self.e else src.index_select(0, rows)
-        self.state[l + 1].index_copy_(0, rows, torch.addmm(const, torch.relu(src.index_select(1, cols)), rows_w))
+        if src is None:
+            src = self.state[l] if l > 1 else self.z[1]
+            src = src if rows.numel() == self.e else src.index_select(0, rows)
+        out = torch.addmm(const, torch.relu(src.index_select(1, cols)), rows_w)
+        self.state[l + 1].index_copy_(0, rows, out)
+        return out
 
-    def rank_update(self, m: int, t: Tensor, d: Tensor, rows: Tensor) -> None:
+    def rank_update(self, m: int, t: Tensor, wmax: Tensor, d: Tensor, rows: Tensor) -> Tensor:
         """state[m+1][rows] += d [w; 2 gamma Q][:, t]^T for h_m changed by d [R, t] at neurons t (|d| in the bound
-        columns), and the update's own rounding times P_{m+1} 1."""
+        columns), and the update's own rounding times P_{m+1} 1. Returns state[m+1][rows]."""
         n = self.n[m + 1]
         s = self.state[m + 1].index_select(0, rows)
         cols = self.wq[m + 1].index_select(1, t)
         s[:, :n].addmm_(d, cols[:n].T)
         size = d.abs()
-        own = (_gamma(t.numel() + 2, U32) * (size @ self.wmax[m + 1][t]) + U32 * s[:, :n].abs().amax(1)) * UP
-        s[:, n:].addmm_(torch.cat([size, own.unsqueeze(1)], 1),
-                        torch.cat([cols[n:n + self.classes].T, self.p1[m + 1].unsqueeze(0)]))
+        own = (_gamma(t.numel() + 2, U32) * (size @ wmax) + U32 * s[:, :n].abs().amax(1)) * UP
+        s[:, n:].addmm_(size, cols[n:n + self.classes].T).addr_(own, self.p1[m + 1])
         self.state[m + 1].index_copy_(0, rows, s)
+        return s
 
-    def step(self, k: int) -> Tensor | None:
-        """Move the state from coalition k-1 to k; returns the images whose logits or bound changed."""
+    def step(self, k: int) -> tuple[Tensor, Tensor] | None:
+        """Move the state from coalition k-1 to k; returns the images R whose logits or bound changed and
+        state[L][R] (None if none did)."""
         first = m = self.first[k]
+        src = None
         if m == self.depth:
             return None
         if m == 0:  # z_1 is already naive's (see run)
             rows, m = self.rows1[k], 1
         else:
-            t, new, old = self.local[k]
-            z, mu = self.z[m][:, t], self.mu[m][t]
-            d = torch.relu(torch.where(new, z, mu)) - torch.relu(torch.where(old, z, mu))
+            t, sign, mu, wmax = self.local[k]
+            d = (torch.relu(self.z[m][:, t]) - mu) * sign  # h_new - h_old, exactly
             rows = (d != 0).any(1).nonzero().squeeze(1)
             if len(self.toggled[k]) == 1 and t.numel() <= self.MAX_RANK and m < self.depth - 1:
                 self.cache[m] = None
-                if rows.numel():
-                    self.rank_update(m, t, d.index_select(0, rows), rows)
+                if rows.numel() == 0:
+                    return None
+                src = self.rank_update(m, t, wmax, d.index_select(0, rows), rows)
                 m += 1
         for l in range(m, self.depth):
             if l in self.toggled[k]:
                 self.cache[l] = None
                 if l > first:
-                    rows = self.all
+                    rows, src = self.all, None
             if rows.numel():
-                self.fresh(l, k, rows)
-        return rows
+                src = self.fresh(l, k, rows, src)
+        return (rows, src) if rows.numel() else None
 
     def run(self) -> Tensor:
         """V [K] float64."""
@@ -456,12 +475,9 @@ class _IncrementalMLP:
                 self.z[1] = z1.clone() if k == 0 else self.z[1].index_copy_(0, self.rows1[k], z1)
             if k % self.WINDOW == 0:
                 self.start_window(k)
-                rows = self.all
-            else:
-                rows = self.step(k)
-                if rows is None or rows.numel() == 0:
-                    continue
-            self.records.append((k, rows, self.state[-1].index_select(0, rows)))
+                self.records.append((k, self.all, self.state[-1].clone()))
+            elif (changed := self.step(k)) is not None:
+                self.records.append((k, *changed))
         self.decide()
         self.exact()
         return (self.pred == self.acc.y).double().mean(1)

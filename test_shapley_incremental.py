@@ -60,6 +60,21 @@ def test_incremental_equals_naive_with_ties_and_neurons_at_mu():
     assert recomputed > 0  # the tie is never certified: it goes to the exact path
 
 
+def test_incremental_step_whose_first_toggled_layer_changes_no_image():
+    """One step toggles neuron 8 (layer 2, constant output relu(mu) = 0: no image changes there) and all of
+    layer 4: every image must still be recomputed from layer 4 on."""
+    model, x, y = trained_mlp(40, seed=4)
+    with torch.no_grad():
+        model.linears[1].weight[0], model.linears[1].bias[0] = 0.0, -0.5
+    mu = snv_core.mean_activations(model, [(x, y)])
+    keeps = torch.ones(3, model.num_neurons, dtype=torch.bool)
+    keeps[0, [8] + list(range(24, 32))] = False
+    keeps[2] = keeps[0]
+    naive, inc, _ = values(model, x, y, mu, keeps)
+    assert naive[0] != naive[1]
+    assert torch.equal(inc, naive)
+
+
 def near_tie_mlp() -> tuple[MLP, Tensor, Tensor, Tensor]:
     """Classes 0 and 1 with the same head row and biases 0 and 1e-8: in exact arithmetic class 1 wins, while
     naive's float32 logits (|logit| >> 1e-8 / ulp) are mostly tied bit for bit, so naive answers 0."""
