@@ -312,7 +312,7 @@ class _IncrementalMLP:
         """Per coalition k: `first[k]` (the first layer with a toggled neuron; depth if none), `toggled[k]` (its
         layers) and, where first[k] >= 1, `local[k]` = (that layer's toggled neurons t, +1 where t joins and -1 where it
         leaves, relu(mu)[t], max_j |w_{m+1}[j, t]|)."""
-        k_count, n = self.keeps.shape
+        k_count = self.keeps.shape[0]
         pairs = (self.keeps[1:] != self.keeps[:-1]).nonzero()
         offsets = torch.tensor([0] + self.n[:-1], device=self.keeps.device).cumsum(0)
         layer = torch.bucketize(pairs[:, 1], offsets[1:], right=True)
@@ -449,7 +449,7 @@ class _IncrementalMLP:
             rows, m = self.rows1[k], 1
         else:
             t, sign, mu, wmax = self.local[k]
-            d = (torch.relu(self.z[m][:, t]) - mu) * sign  # h_new - h_old, exactly
+            d = (torch.relu(self.z[m][:, t]) - mu) * sign  # h_new - h_old (0 exactly where h is unchanged)
             rows = (d != 0).any(1).nonzero().squeeze(1)
             if len(self.toggled[k]) == 1 and t.numel() <= self.MAX_RANK and m < self.depth - 1:
                 self.cache[m] = None

@@ -42,6 +42,17 @@ def test_incremental_equals_naive_on_every_prefix(e):
     assert torch.equal(inc, naive)
 
 
+@pytest.mark.parametrize("depth", [2, 3, 5])
+def test_incremental_equals_naive_at_other_depths(depth):
+    torch.manual_seed(depth)
+    model = MLP(64, 8, depth).eval()
+    model.add_head(4)
+    x, y = torch.randn(40, 64), torch.randint(0, 4, (40,))
+    mu = snv_core.mean_activations(model, [(x, y)])
+    naive, inc, _ = values(model, x, y, mu, walks(model.num_neurons, 2, seed=depth))
+    assert torch.equal(inc, naive)
+
+
 def test_incremental_equals_naive_with_ties_and_neurons_at_mu():
     """Duplicate head rows (logits tied bit for bit: naive's argmax takes the first), neurons whose output
     is a constant equal to mu (toggling them changes nothing), mu exactly 0."""
