@@ -261,8 +261,9 @@ class _IncrementalMLP:
     the part of the bound on |naive's logits - ours| that layers 2..l contribute (see below).
 
     Per coalition k, the first layer m with a toggled neuron decides the work, on the images R whose h_m changed:
-    m = 0: z_1[R] = naive's rows; m >= 1 with only layer m toggled (at most MAX_RANK neurons): a rank-t update
-    z_{m+1}[R] += (h_new - h_old)[R, t] w_{m+1}[:, t]^T; otherwise all images. Every layer above is recomputed on R
+    m = 0: z_1[R] = naive's rows; 1 <= m < L-1 with only layer m toggled (at most MAX_RANK neurons): a rank-t
+    update z_{m+1}[R] += (h_new - h_old)[R, t] w_{m+1}[:, t]^T (the head is cheaper to recompute); a layer toggled
+    above m: all images from there on. Every layer above is recomputed on R
     from the members M of the layer below only: z_{l+1} = relu(z_l[R, M]) w_{l+1}[:, M]^T + (w_{l+1}[:, ~M]
     relu(mu)[~M] + b), which costs |R| |M| n instead of E N n. Then image b's argmax t is naive's for sure when
     z_L[t] - B[t] > z_L[c] + B[c] for every c != t; the other images (`recomputed`) run naive's forward.
