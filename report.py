@@ -1015,8 +1015,17 @@ def table_lines(markdown_text: str) -> str:
     return "\n".join(line for line in markdown_text.splitlines() if line.startswith("|"))
 
 
+def not_run_yet(missing: str) -> str:
+    """The sentence on the comparison runs still missing seeds (`missing_seeds`)."""
+    if not missing:
+        return "Every command of `run_experiments_compare.txt` has run for all its seeds."
+    return ("Not run yet (commands of `run_experiments_compare.txt`; `bash run_experiments.sh --compare --jobs 2` runs "
+            f"the missing seeds): {missing}.")
+
+
 def missing_seeds(root: Path, commands: Path) -> str:
-    """The comparison runs of `commands` (run_experiments_compare.txt) with seeds missing under root/compare."""
+    """The comparison runs of `commands` (run_experiments_compare.txt) with seeds missing under root/compare ("" if
+    none)."""
     missing = []
     for line in commands.read_text().splitlines():
         if not line.startswith("python ") or "--out-dir" not in line:
@@ -1028,7 +1037,7 @@ def missing_seeds(root: Path, commands: Path) -> str:
                  if not any((root / "compare" / "baselines" / name).glob(f"*seed{s}.json"))]
         if seeds:
             missing.append(f"`{name.removeprefix('pmnist_')}` (seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)})")
-    return ", ".join(missing) or "nothing"
+    return ", ".join(missing)
 
 
 def ablation_findings(d: DocResults) -> str:
@@ -1219,8 +1228,7 @@ and tasks {T - 2} to {T} {span(a for r in rate.runs for a in final_accs(r)[-3:])
 {shift_text(rate, fplr)}. A task does gain from more neurons, but {rate_run['num_neurons']} are not enough to give the early tasks more
 without taking it from the late ones.
 
-Not run yet (commands of `run_experiments_compare.txt`; `bash run_experiments.sh --compare --jobs 2` runs the
-missing seeds): {missing_seeds(d.root, Path(__file__).resolve().parent / 'run_experiments_compare.txt')}.
+{not_run_yet(missing_seeds(d.root, Path(__file__).resolve().parent / 'run_experiments_compare.txt'))}
 """)
 
 

@@ -494,7 +494,8 @@ def test_missing_seeds_lists_the_comparison_runs_without_their_seed_files(tmp_pa
     write_runs(tmp_path / "compare" / "baselines" / "pmnist_task_il_snv", [fake_run(s, 0.9) for s in (42, 44)])
     write_runs(tmp_path / "compare" / "baselines" / "pmnist_task_il_sgd", [fake_run(42, 0.9)])
     (tmp_path / "compare" / "baselines" / "rank" / "rank_correlation_seed43.json").write_text("{}")
-    assert report.missing_seeds(tmp_path, commands) == "nothing"
+    assert report.missing_seeds(tmp_path, commands) == ""
+    assert "has run for all its seeds" in report.not_run_yet("")
 
 
 def test_reflow_fills_paragraphs_and_list_items_and_keeps_tables() -> None:
