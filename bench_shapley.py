@@ -5,7 +5,7 @@ over several rounds: (a) the PMNIST MLP (N = 800, 512 evaluation images): naive,
 (b) ResNet-18 on 32x32x3 inputs at a CPU width: naive, fast (the incremental evaluator is MLP-only).
 Prints each one's min and median seconds, its speedup over naive (ratio of the minima; of the medians
 in brackets), the fast path's achieved FLOP/s next to a plain matrix multiply's, the share of images the
-incremental one recomputed exactly, and the wall time of a whole default Shapley step (until the
+incremental one recomputed exactly and its time by part, and the wall time of a whole default Shapley step (until the
 bandit stops or hits its cap) on one trained PMNIST task with the fast and the incremental evaluator. Exits
 non-zero if any evaluator's V differs from naive's on any coalition, or the two steps' phi differ. The last line is
 `RESULT mlp_speedup=<fast/naive> resnet_speedup=<fast/naive> incremental_speedup=<incremental/naive, MLP>`.
