@@ -311,8 +311,8 @@ class _IncrementalMLP:
 
     def schedule(self) -> None:
         """Per coalition k: `first[k]` (the first layer with a toggled neuron; depth if none), `toggled[k]` (its
-        layers) and, where first[k] >= 1, `local[k]` = (that layer's toggled neurons t, +1 where t joins and -1 where it
-        leaves, relu(mu)[t], max_j |w_{m+1}[j, t]|)."""
+        layers) and, where a neuron toggles, `local[k]` = (the toggled neurons t of layer m = first[k], +1 where t joins
+        and -1 where it leaves, relu(mu)[t], max_j |w_{m+1}[j, t]|)."""
         k_count = self.keeps.shape[0]
         pairs = (self.keeps[1:] != self.keeps[:-1]).nonzero()
         offsets = torch.tensor([0] + self.n[:-1], device=self.keeps.device).cumsum(0)
@@ -324,7 +324,7 @@ class _IncrementalMLP:
         self.toggled = [set(ls.tolist()) for ls in torch.split(layer, counts)]
         self.local: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] = []
         for k, (m, t) in enumerate(zip(self.first, torch.split(pairs[:, 1], counts))):
-            if m in (0, self.depth):
+            if m == self.depth:
                 self.local.append(None)
                 continue
             t = t[t < offsets[m + 1]] - offsets[m]
@@ -338,11 +338,12 @@ class _IncrementalMLP:
         out = [0.0, 0.0]
         for l in range(1, self.depth):
             h_bound.append(max(z_bound, float(self.mu[l - 1].max())))
-            z_bound = 2 * (row_sum[l] * h_bound[-1] + float(self.b[l].abs().max()))
+            b_max = float(self.b[l].abs().max())
+            z_bound = 2 * (row_sum[l] * h_bound[-1] + b_max)
             if l >= 2:
                 ranks = self.WINDOW * (_gamma(self.MAX_RANK + 2, U32) * 2 * row_sum[l] * h_bound[-1] + U32 * z_bound)
-                out.append((row_sum[l] * out[-1] + 2 * self.g[l] * (row_sum[l] * (h_bound[-1] + out[-1])
-                                                                     + float(self.b[l].abs().max())) + ranks) * UP)
+                out.append((row_sum[l] * out[-1] + 2 * self.g[l] * (row_sum[l] * (h_bound[-1] + out[-1]) + b_max)
+                            + ranks) * UP)
         return out
 
     def naive_z1(self) -> None:
@@ -361,18 +362,21 @@ class _IncrementalMLP:
 
         if self.e < 4:
             flush()
+        queued = sum(c.shape[0] for c in chunks)  # rows waiting in `chunks`
         for k in range(1, self.keeps.shape[0]):
             if self.first[k] != 0:
                 self.rows1.append(None)
                 continue
-            t = (keep0[k] != keep0[k - 1]).nonzero().squeeze(1)
+            t = self.local[k][0]
             col = torch.relu(torch.where(keep0[k][t], self.z0[:, t], mu[t]))
             rows = self.all if self.e < 4 else (col != h[:, t]).any(1).nonzero().squeeze(1)
             h[:, t] = col
             self.rows1.append(rows)
             chunks.append(h.index_select(0, rows))
-            if self.e < 4 or sum(c.shape[0] for c in chunks) >= self.GROUP:
+            queued += rows.numel()
+            if self.e < 4 or queued >= self.GROUP:
                 flush()
+                queued = 0
         if chunks:
             flush()
         self.z1_rows = iter(out)
@@ -471,9 +475,10 @@ class _IncrementalMLP:
         """V [K] float64."""
         self.naive_z1()
         for k in range(self.keeps.shape[0]):
-            if self.rows1[k] is not None:
-                z1 = next(self.z1_rows)
-                self.z[1] = z1.clone() if k == 0 else self.z[1].index_copy_(0, self.rows1[k], z1)
+            if k == 0:
+                self.z[1] = next(self.z1_rows).clone()
+            elif self.rows1[k] is not None:
+                self.z[1].index_copy_(0, self.rows1[k], next(self.z1_rows))
             if k % self.WINDOW == 0:
                 self.start_window(k)
                 self.records.append((k, self.all, self.state[-1].clone()))
