@@ -257,8 +257,9 @@ class _IncrementalMLP:
     Layers: hidden l = 0..L-1 with pre-activations z_l [E, n_l] and outputs h_l = relu(where(keep_l, z_l, mu_l));
     linear l computes z_l from h_{l-1}; linear L (the head) the logits z_L [E, C]. z_0 and z_1 are naive's own
     float32 values, bit for bit (z_0 depends on no gate; z_1 comes from the F.linear call naive makes, on
-    rows of h_0). For l >= 2 the state is `state[l]` = [z_l | b_l] [E, n_l + C]: our float32 z_l and b_l >= 0,
-    the part of the bound on |naive's logits - ours| that layers 2..l contribute (see below).
+    rows of h_0). For 2 <= l < L the state is `state[l]` = [z_l | b_l] [E, n_l + C]: our float32 z_l and b_l >= 0,
+    the part of the bound on |naive's logits - ours| that layers 2..l contribute (see below); [z_L | B] is kept
+    only for the images each coalition changes (`records`).
 
     Per coalition k, the first layer m with a toggled neuron decides the work, on the images R whose h_m changed:
     m = 0: z_1[R] = naive's rows; 1 <= m < L-1 with only layer m toggled (at most MAX_RANK neurons): a rank-t
@@ -276,14 +277,15 @@ class _IncrementalMLP:
     the members' product plus a float32 constant, within gamma_{n+2} (|w_l| h_{l-1} + |b_l|). So
     b_l = b_{l-1} + 2 gamma_{n+2} Q_l h_{l-1}, Q_l = P_l |w_l|, computed in the same product as z_l (the rows
     [w_l; 2 gamma Q_l] and, for l > 2, an identity that carries b_{l-1}); a rank update adds
-    2 gamma Q_l[:, t] |h_new - h_old| and its own rounding (gamma_{t+2} |d| max|w| + u |z_new|) times P_l 1.
+    2 gamma Q_l[:, t] |h_new - h_old| and its own rounding times P_l 1: a sum of t products d w and z_old, in any
+    order, is within gamma_{2 MAX_RANK + 1} |d| max|w| + t u |z_new| of exact (t <= MAX_RANK).
     Constants (biases, the second-order delta terms) are added at the head. Every term is a float32 sum of
     nonnegative numbers, inflated by 2^-10 per layer.
     """
 
     WINDOW = 64  # coalitions sharing one P (see above)
     MAX_RANK = 8  # at most this many neurons toggled in one layer take the rank update
-    GROUP = 4096  # rows per F.linear of naive's z_1
+    GROUP = 1024  # rows per F.linear of naive's z_1 and per batch of the exact path (larger ones leave the cache)
 
     def __init__(self, acc: MaskedAccuracy, keeps: Tensor) -> None:
         model, head = acc.model, acc.model.heads[acc.task]
@@ -296,13 +298,17 @@ class _IncrementalMLP:
         self.classes = self.n[-1]
         self.mu = [torch.relu(m) for m in acc.mu_layers]  # a non-member's output
         self.layer_keeps = model.split_neurons(keeps)
+        # the columns of state[l] (l >= 2): the C columns of b_l are always read, as members whose mu is 0
+        self.mu_ext = [m if l < 2 else torch.cat([m, m.new_zeros(self.classes)]) for l, m in enumerate(self.mu)]
+        ext = torch.ones(keeps.shape[0], self.classes, dtype=torch.bool, device=keeps.device)
+        self.keep_ext = [lk if l < 2 else torch.cat([lk, ext], 1) for l, lk in enumerate(self.layer_keeps)]
         self.g = [_gamma(w.shape[1] + 2, U32) for w in self.w]
+        self.rank_gamma = _gamma(2 * self.MAX_RANK + 1, U32)
         self.z0 = model.stage_in(0, acc.x)
         self.e, dev = acc.x.shape[0], keeps.device
         self.all = torch.arange(self.e, device=dev)
-        self.ext = torch.arange(self.classes, device=dev)
-        self.state = [None, None] + [torch.empty(self.e, n + self.classes, device=dev) for n in self.n[2:]]
-        self.z = [self.z0, None] + [s[:, :n] for s, n in zip(self.state[2:], self.n[2:])]
+        self.state = [None, None] + [torch.empty(self.e, n + self.classes, device=dev) for n in self.n[2:-1]]
+        self.z = [self.z0, None] + [s[:, :n] for s, n in zip(self.state[2:], self.n[2:-1])]
         self.schedule()
         self.delta = self.a_priori_deltas()
         self.cache: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * self.depth
@@ -311,28 +317,36 @@ class _IncrementalMLP:
 
     def schedule(self) -> None:
         """Per coalition k: `first[k]` (the first layer with a toggled neuron; depth if none), `toggled[k]` (its
-        layers) and, where a neuron toggles, `local[k]` = (the toggled neurons t of layer m = first[k], +1 where t joins
-        and -1 where it leaves, relu(mu)[t], max_j |w_{m+1}[j, t]|)."""
-        k_count = self.keeps.shape[0]
-        pairs = (self.keeps[1:] != self.keeps[:-1]).nonzero()
-        offsets = torch.tensor([0] + self.n[:-1], device=self.keeps.device).cumsum(0)
-        layer = torch.bucketize(pairs[:, 1], offsets[1:], right=True)
-        counts = torch.bincount(pairs[:, 0] + 1, minlength=k_count).tolist()
-        first = torch.full((k_count,), self.depth, dtype=torch.long, device=self.keeps.device)
-        first.scatter_reduce_(0, pairs[:, 0] + 1, layer, "amin")
+        layers), where a neuron toggles `local[k]` = (the toggled neurons t of layer m = first[k], +1 where t joins
+        and -1 where it leaves, relu(mu)[t]), `rank[k]` (whether k takes a rank update: 1 <= m < L-1, only layer m
+        toggled, t <= MAX_RANK) and `rank_toggles[l]` (the most neurons that a window's rank updates into z_l toggle)."""
+        k_count, dev = self.keeps.shape[0], self.keeps.device
+        coalition, neuron = (self.keeps[1:] != self.keeps[:-1]).nonzero().unbind(1)
+        coalition = coalition + 1
+        offsets = torch.tensor([0] + self.n[:-1], device=dev).cumsum(0)
+        layer = torch.bucketize(neuron, offsets[1:], right=True)
+        first = torch.full((k_count,), self.depth, dtype=torch.long, device=dev)
+        first.scatter_reduce_(0, coalition, layer, "amin")
         self.first = first.tolist()
+        counts = torch.bincount(coalition, minlength=k_count).tolist()
         self.toggled = [set(ls.tolist()) for ls in torch.split(layer, counts)]
-        self.local: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] = []
-        for k, (m, t) in enumerate(zip(self.first, torch.split(pairs[:, 1], counts))):
-            if m == self.depth:
-                self.local.append(None)
-                continue
-            t = t[t < offsets[m + 1]] - offsets[m]
-            self.local.append((t, self.layer_keeps[m][k][t] * 2.0 - 1.0, self.mu[m][t], self.wmax[m + 1][t]))
+        in_first = layer == first[coalition]  # the toggles of each coalition's first toggled layer
+        coalition, neuron, layer = coalition[in_first], neuron[in_first], layer[in_first]
+        parts = (neuron - offsets[layer], self.keeps[coalition, neuron] * 2.0 - 1.0, torch.cat(self.mu)[neuron])
+        counts = torch.bincount(coalition, minlength=k_count).tolist()
+        split = zip(*(x.split(counts) for x in parts))
+        self.local = [None if m == self.depth else p for m, p in zip(self.first, split)]
+        self.rank = [0 < m < self.depth - 1 and k % self.WINDOW > 0 and len(self.toggled[k]) == 1
+                     and self.local[k][0].numel() <= self.MAX_RANK for k, m in enumerate(self.first)]
+        windows = [[0] * self.depth for _ in range(0, k_count, self.WINDOW)]
+        for k in range(k_count):
+            if self.rank[k]:
+                windows[k // self.WINDOW][self.first[k] + 1] += self.local[k][0].numel()
+        self.rank_toggles = [max(w[l] for w in windows) for l in range(self.depth)]
 
     def a_priori_deltas(self) -> list[float]:
         """delta_l >= |naive's z_l - ours| for every image and coalition of the block (delta_0 = delta_1 = 0), from
-        |h_l| <= h_bound_l and the rounding of at most WINDOW rank updates: the second-order term of the bound."""
+        |h_l| <= h_bound_l and the rounding of a window's rank updates: the second-order term of the bound."""
         row_sum = [float(w.sum(1).max()) * UP for w in self.abs_w]
         z_bound, h_bound = float(self.z0.abs().max()), []
         out = [0.0, 0.0]
@@ -341,7 +355,7 @@ class _IncrementalMLP:
             b_max = float(self.b[l].abs().max())
             z_bound = 2 * (row_sum[l] * h_bound[-1] + b_max)
             if l >= 2:
-                ranks = self.WINDOW * (_gamma(self.MAX_RANK + 2, U32) * 2 * row_sum[l] * h_bound[-1] + U32 * z_bound)
+                ranks = self.rank_toggles[l] * (self.rank_gamma * 2 * row_sum[l] * h_bound[-1] + U32 * z_bound)
                 out.append((row_sum[l] * out[-1] + 2 * self.g[l] * (row_sum[l] * (h_bound[-1] + out[-1]) + b_max)
                             + ranks) * UP)
         return out
@@ -350,117 +364,126 @@ class _IncrementalMLP:
         """Naive's z_1 rows for every coalition where h_0 changes (`rows1[k]`, None where it does not), from F.linear
         on batches of GROUP or more rows (at least E: coalition 0's E rows, or padding; with E < 4 one call per
         coalition on its E rows, as BLAS sums batches of 1 to 3 rows in another order)."""
-        keep0, mu, lin = self.layer_keeps[0], self.mu[0], self.acc.model.linears[1]
-        h = torch.relu(torch.where(keep0[0], self.z0, mu))
-        chunks, self.rows1, out = [h.clone()], [self.all], []
+        lin, e = self.acc.model.linears[1], self.e
+        h0 = torch.relu(self.z0)
+        h = torch.where(self.layer_keeps[0][0], h0, self.mu[0])
+        batch = torch.empty(max(self.GROUP, e) + e, h.shape[1], device=h.device)  # rows queued for F.linear
+        batch[:e] = h
+        self.rows1, out, sizes = [self.all], [], [e]
 
         def flush() -> None:
-            sizes = [c.shape[0] for c in chunks]
-            pad = [h[:max(self.e - sum(sizes), 0)]]
-            out.extend(torch.split(lin(torch.cat(chunks + pad)), sizes + [pad[0].shape[0]])[:len(sizes)])
-            chunks.clear()
+            queued = sum(sizes)
+            if queued < e:
+                batch[queued:e] = h[:e - queued]
+            out.extend(lin(batch[:max(queued, e)])[:queued].split(sizes))
+            sizes.clear()
 
-        if self.e < 4:
+        if e < 4:
             flush()
-        queued = sum(c.shape[0] for c in chunks)  # rows waiting in `chunks`
         for k in range(1, self.keeps.shape[0]):
             if self.first[k] != 0:
                 self.rows1.append(None)
                 continue
-            t = self.local[k][0]
-            col = torch.relu(torch.where(keep0[k][t], self.z0[:, t], mu[t]))
-            rows = self.all if self.e < 4 else (col != h[:, t]).any(1).nonzero().squeeze(1)
+            t, sign, mu = self.local[k]
+            col = torch.where(sign > 0, h0[:, t], mu)
+            rows = self.all if e < 4 else (col != h[:, t]).any(1).nonzero().squeeze(1)
             h[:, t] = col
             self.rows1.append(rows)
-            chunks.append(h.index_select(0, rows))
-            queued += rows.numel()
-            if self.e < 4 or queued >= self.GROUP:
+            queued = sum(sizes)
+            torch.index_select(h, 0, rows, out=batch[queued:queued + rows.numel()])
+            sizes.append(rows.numel())
+            if e < 4 or queued + rows.numel() >= self.GROUP:
                 flush()
-                queued = 0
-        if chunks:
+        if sizes:
             flush()
         self.z1_rows = iter(out)
 
-    def start_window(self, k: int) -> None:
-        """P, the product rows [w_l; 2 gamma Q_l] and the head's constant for coalitions k..k+WINDOW-1; every layer
-        recomputed for coalition k."""
-        hi = min(k + self.WINDOW, self.keeps.shape[0])
+    def start_window(self, k: int) -> Tensor:
+        """For coalitions k..k+WINDOW-1: P, the product rows [w_l; 2 gamma Q_l], the rank updates' rows and the
+        constants (biases; the head's bound terms); every layer recomputed for coalition k. Returns its logits | bound
+        [E, 2C]."""
+        hi, dev = min(k + self.WINDOW, self.keeps.shape[0]), self.keeps.device
         union = [lk[k:hi].any(0).float() for lk in self.layer_keeps]
-        prop = torch.eye(self.classes, device=self.keeps.device)
+        prop = torch.eye(self.classes, device=dev)
         self.wq: list[Tensor | None] = [None] * (self.depth + 1)
-        self.p1: list[Tensor | None] = [None] * (self.depth + 1)
-        const = torch.zeros(self.classes, device=self.keeps.device)
+        self.rank_w: list[Tensor | None] = [None] * self.depth
+        self.p1u: list[Tensor | None] = [None] * self.depth
+        const = torch.zeros(self.classes, device=dev)
         for l in range(self.depth, 1, -1):
             q = prop @ self.abs_w[l] * UP
-            self.p1[l] = prop.sum(1) * UP
             self.wq[l] = torch.cat([self.w[l], q * (2 * self.g[l] * UP)])
+            if l < self.depth:  # per neuron of layer l-1: [w^T | 0] and [0 | 2 gamma Q^T + gamma max|w| P_l 1]
+                p1 = prop.sum(1) * UP
+                self.p1u[l] = p1 * (U32 * UP)
+                rows = self.wq[l].T.clone()
+                bound = rows.clone()
+                bound[:, :self.n[l]] = 0
+                bound[:, self.n[l]:] += self.rank_gamma * UP * self.wmax[l].unsqueeze(1) * p1
+                rows[:, self.n[l]:] = 0
+                self.rank_w[l] = torch.stack([rows, bound], 1)
             if l > 2:
                 carry = torch.cat([torch.zeros(self.n[l], self.classes), torch.eye(self.classes)]).to(q)
                 self.wq[l] = torch.cat([self.wq[l], carry], 1)
             const += (2 * self.g[l] * (prop @ self.b[l].abs()) + self.g[l] * (q @ union[l - 1]) * self.delta[l - 1]) * UP
             prop = q * union[l - 1]
-        self.head_const = const * UP
+        zeros = torch.zeros(self.classes, device=dev)
+        self.bias = [None] * 2 + [torch.cat([self.b[l], const * UP if l == self.depth else zeros])
+                                  for l in range(2, self.depth + 1)]
         self.cache = [None] * self.depth
         for l in range(1, self.depth):
-            self.fresh(l, k, self.all)
+            out = self.fresh(l, k, self.all)
+        return out
 
     def weights(self, l: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """For layer l's members M at coalition k: (M, and for l >= 2 the b_l columns; the product's rows for them
         [|M| (+C), n_{l+1} + C]; its constant: the non-members' relu(mu) times their rows, plus the bias)."""
         if self.cache[l] is None:
-            keep = self.layer_keeps[l][k]
-            cols, rest = keep.nonzero().squeeze(1), torch.where(keep, 0.0, self.mu[l])
-            if l > 1:
-                cols, rest = torch.cat([cols, self.n[l] + self.ext]), torch.cat([rest, self.ext * 0.0])
-            const = self.wq[l + 1] @ rest
-            const[:self.n[l + 1]] += self.b[l + 1]
-            if l == self.depth - 1:
-                const[self.classes:] += self.head_const
+            keep = self.keep_ext[l][k]
+            const = torch.addmv(self.bias[l + 1], self.wq[l + 1], self.mu_ext[l].masked_fill(keep, 0.0))
+            cols = keep.nonzero().squeeze(1)
             self.cache[l] = (cols, self.wq[l + 1].index_select(1, cols).T, const)
         return self.cache[l]
 
     def fresh(self, l: int, k: int, rows: Tensor, src: Tensor | None = None) -> Tensor:
         """state[l+1][rows] = relu(z_l | b_l)[rows, M] [w; 2 gamma Q; carry][:, M]^T + constant; src: state[l][rows]
-        where the caller has it. Returns state[l+1][rows]."""
+        where the caller has it. Returns state[l+1][rows] (for l = L-1: [z_L | B][rows], kept in no state)."""
         cols, rows_w, const = self.weights(l, k)
         if src is None:
             src = self.state[l] if l > 1 else self.z[1]
             src = src if rows.numel() == self.e else src.index_select(0, rows)
-        out = torch.addmm(const, torch.relu(src.index_select(1, cols)), rows_w)
-        self.state[l + 1].index_copy_(0, rows, out)
+        out = torch.addmm(const, src.index_select(1, cols).relu_(), rows_w)
+        if l + 1 < self.depth:
+            self.state[l + 1].index_copy_(0, rows, out)
         return out
 
-    def rank_update(self, m: int, t: Tensor, wmax: Tensor, d: Tensor, rows: Tensor) -> Tensor:
-        """state[m+1][rows] += d [w; 2 gamma Q][:, t]^T for h_m changed by d [R, t] at neurons t (|d| in the bound
-        columns), and the update's own rounding times P_{m+1} 1. Returns state[m+1][rows]."""
-        n = self.n[m + 1]
+    def rank_update(self, m: int, t: Tensor, d: Tensor, rows: Tensor) -> Tensor:
+        """state[m+1][rows] += d [w; 0][:, t]^T + |d| [0; 2 gamma Q + own][:, t]^T for h_m changed by d [R, t] at
+        neurons t (`rank_w`; own: the gamma |d| max|w| part of the update's own rounding), then t u |z_new| P_{m+1} 1.
+        Returns state[m+1][rows]."""
         s = self.state[m + 1].index_select(0, rows)
-        cols = self.wq[m + 1].index_select(1, t)
-        s[:, :n].addmm_(d, cols[:n].T)
-        size = d.abs()
-        own = (_gamma(t.numel() + 2, U32) * (size @ wmax) + U32 * s[:, :n].abs().amax(1)) * UP
-        s[:, n:].addmm_(size, cols[n:n + self.classes].T).addr_(own, self.p1[m + 1])
+        s.addmm_(torch.stack([d, d.abs()], 2).flatten(1), self.rank_w[m + 1].index_select(0, t).flatten(0, 1))
+        s[:, self.n[m + 1]:].addr_(s[:, :self.n[m + 1]].abs().amax(1), self.p1u[m + 1], alpha=t.numel())
         self.state[m + 1].index_copy_(0, rows, s)
         return s
 
-    def step(self, k: int) -> tuple[Tensor, Tensor] | None:
-        """Move the state from coalition k-1 to k; returns the images R whose logits or bound changed and
-        state[L][R] (None if none did)."""
+    def step(self, k: int, z1: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """Move the state from coalition k-1 to k (z1: naive's z_1 rows of k where h_0 changed, already in z_1);
+        returns the images R whose logits or bound changed and their logits | bound (None if none did)."""
         first = m = self.first[k]
         src = None
         if m == self.depth:
             return None
-        if m == 0:  # z_1 is already naive's (see run)
-            rows, m = self.rows1[k], 1
+        if m == 0:
+            rows, m, src = self.rows1[k], 1, z1
         else:
-            t, sign, mu, wmax = self.local[k]
+            t, sign, mu = self.local[k]
             d = (torch.relu(self.z[m][:, t]) - mu) * sign  # h_new - h_old (0 exactly where h is unchanged)
-            rows = (d != 0).any(1).nonzero().squeeze(1)
-            if len(self.toggled[k]) == 1 and t.numel() <= self.MAX_RANK and m < self.depth - 1:
+            rows = d.any(1).nonzero().squeeze(1)
+            if self.rank[k]:
                 self.cache[m] = None
                 if rows.numel() == 0:
                     return None
-                src = self.rank_update(m, t, wmax, d.index_select(0, rows), rows)
+                src = self.rank_update(m, t, d.index_select(0, rows), rows)
                 m += 1
         for l in range(m, self.depth):
             if l in self.toggled[k]:
@@ -475,14 +498,15 @@ class _IncrementalMLP:
         """V [K] float64."""
         self.naive_z1()
         for k in range(self.keeps.shape[0]):
+            z1 = None
             if k == 0:
                 self.z[1] = next(self.z1_rows).clone()
             elif self.rows1[k] is not None:
-                self.z[1].index_copy_(0, self.rows1[k], next(self.z1_rows))
+                z1 = next(self.z1_rows)
+                self.z[1].index_copy_(0, self.rows1[k], z1)
             if k % self.WINDOW == 0:
-                self.start_window(k)
-                self.records.append((k, self.all, self.state[-1].clone()))
-            elif (changed := self.step(k)) is not None:
+                self.records.append((k, self.all, self.start_window(k)))
+            elif (changed := self.step(k, z1)) is not None:
                 self.records.append((k, *changed))
         self.decide()
         self.exact()
@@ -521,7 +545,7 @@ class _IncrementalMLP:
                 with model.gated(self.keeps[k], acc.mu):
                     self.pred[k] = model(acc.x, acc.task).argmax(1)
             return
-        for c, i in zip(torch.split(coalition, 4096), torch.split(image, 4096)):
+        for c, i in zip(torch.split(coalition, self.GROUP), torch.split(image, self.GROUP)):
             m = c.numel()
             pad = torch.arange(max(self.e - m, 0), device=c.device) % m
             c_all, i_all = torch.cat([c, c[pad]]), torch.cat([i, i[pad]])

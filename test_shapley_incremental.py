@@ -42,6 +42,16 @@ def test_incremental_equals_naive_on_every_prefix(e):
     assert torch.equal(inc, naive)
 
 
+@pytest.mark.parametrize("group", [3, 50])
+def test_incremental_equals_naive_in_batches_smaller_than_e(monkeypatch, group):
+    """Naive's z_1 and the exact path in batches of `group` rows (E = 40): a batch under E rows is padded."""
+    monkeypatch.setattr(snv_core._IncrementalMLP, "GROUP", group)
+    model, x, y, mu = near_tie_mlp()
+    naive, inc, recomputed = values(model, x, y, mu, walks(model.num_neurons, 2, seed=6))
+    assert torch.equal(inc, naive)
+    assert recomputed > group
+
+
 @pytest.mark.parametrize("depth", [2, 3, 5])
 def test_incremental_equals_naive_at_other_depths(depth):
     torch.manual_seed(depth)
