@@ -277,8 +277,8 @@ class _IncrementalMLP:
     the members' product plus a float32 constant, within gamma_{n+2} (|w_l| h_{l-1} + |b_l|). So
     b_l = b_{l-1} + 2 gamma_{n+2} Q_l h_{l-1}, Q_l = P_l |w_l|, computed in the same product as z_l (the rows
     [w_l; 2 gamma Q_l] and, for l > 2, an identity that carries b_{l-1}); a rank update adds
-    2 gamma Q_l[:, t] |h_new - h_old| and its own rounding times P_l 1: a sum of t products d w and z_old, in any
-    order, is within gamma_{2 MAX_RANK + 1} |d| max|w| + t u |z_new| of exact (t <= MAX_RANK).
+    2 gamma Q_l[:, t] |h_new - h_old| and its own rounding times P_l 1: z_old plus t products d w, summed in any
+    order, is within t u |z_new| + gamma_{2t+2} |d| max|w| of exact (to first order; t <= MAX_RANK).
     Constants (biases, the second-order delta terms) are added at the head. Every term is a float32 sum of
     nonnegative numbers, inflated by 2^-10 per layer.
     """
@@ -303,7 +303,7 @@ class _IncrementalMLP:
         ext = torch.ones(keeps.shape[0], self.classes, dtype=torch.bool, device=keeps.device)
         self.keep_ext = [lk if l < 2 else torch.cat([lk, ext], 1) for l, lk in enumerate(self.layer_keeps)]
         self.g = [_gamma(w.shape[1] + 2, U32) for w in self.w]
-        self.rank_gamma = _gamma(2 * self.MAX_RANK + 1, U32)
+        self.rank_gamma = _gamma(2 * self.MAX_RANK + 2, U32)
         self.z0 = model.stage_in(0, acc.x)
         self.e, dev = acc.x.shape[0], keeps.device
         self.all = torch.arange(self.e, device=dev)
@@ -405,17 +405,17 @@ class _IncrementalMLP:
         hi, dev = min(k + self.WINDOW, self.keeps.shape[0]), self.keeps.device
         union = [lk[k:hi].any(0).float() for lk in self.layer_keeps]
         prop = torch.eye(self.classes, device=dev)
-        self.wq: list[Tensor | None] = [None] * (self.depth + 1)
+        self.wq_t: list[Tensor | None] = [None] * (self.depth + 1)  # [w_l; 2 gamma Q_l (; carry)]^T, contiguous
         self.rank_w: list[Tensor | None] = [None] * self.depth
         self.p1u: list[Tensor | None] = [None] * self.depth
         const = torch.zeros(self.classes, device=dev)
         for l in range(self.depth, 1, -1):
             q = prop @ self.abs_w[l] * UP
-            self.wq[l] = torch.cat([self.w[l], q * (2 * self.g[l] * UP)])
+            wq = torch.cat([self.w[l], q * (2 * self.g[l] * UP)])
             if l < self.depth:  # per neuron of layer l-1: [w^T | 0] and [0 | 2 gamma Q^T + gamma max|w| P_l 1]
                 p1 = prop.sum(1) * UP
                 self.p1u[l] = p1 * (U32 * UP)
-                rows = self.wq[l].T.clone()
+                rows = wq.T.clone()
                 bound = rows.clone()
                 bound[:, :self.n[l]] = 0
                 bound[:, self.n[l]:] += self.rank_gamma * UP * self.wmax[l].unsqueeze(1) * p1
@@ -423,7 +423,8 @@ class _IncrementalMLP:
                 self.rank_w[l] = torch.stack([rows, bound], 1)
             if l > 2:
                 carry = torch.cat([torch.zeros(self.n[l], self.classes), torch.eye(self.classes)]).to(q)
-                self.wq[l] = torch.cat([self.wq[l], carry], 1)
+                wq = torch.cat([wq, carry], 1)
+            self.wq_t[l] = wq.T.contiguous()
             const += (2 * self.g[l] * (prop @ self.b[l].abs()) + self.g[l] * (q @ union[l - 1]) * self.delta[l - 1]) * UP
             prop = q * union[l - 1]
         zeros = torch.zeros(self.classes, device=dev)
@@ -439,9 +440,9 @@ class _IncrementalMLP:
         [|M| (+C), n_{l+1} + C]; its constant: the non-members' relu(mu) times their rows, plus the bias)."""
         if self.cache[l] is None:
             keep = self.keep_ext[l][k]
-            const = torch.addmv(self.bias[l + 1], self.wq[l + 1], self.mu_ext[l].masked_fill(keep, 0.0))
+            const = torch.addmv(self.bias[l + 1], self.wq_t[l + 1].T, self.mu_ext[l].masked_fill(keep, 0.0))
             cols = keep.nonzero().squeeze(1)
-            self.cache[l] = (cols, self.wq[l + 1].index_select(1, cols).T, const)
+            self.cache[l] = (cols, self.wq_t[l + 1].index_select(0, cols), const)
         return self.cache[l]
 
     def fresh(self, l: int, k: int, rows: Tensor, src: Tensor | None = None) -> Tensor:
@@ -477,7 +478,7 @@ class _IncrementalMLP:
             rows, m, src = self.rows1[k], 1, z1
         else:
             t, sign, mu = self.local[k]
-            d = (torch.relu(self.z[m][:, t]) - mu) * sign  # h_new - h_old (0 exactly where h is unchanged)
+            d = torch.relu(self.z[m][:, t]).sub_(mu).mul_(sign)  # h_new - h_old (0 exactly where h is unchanged)
             rows = d.any(1).nonzero().squeeze(1)
             if self.rank[k]:
                 self.cache[m] = None
