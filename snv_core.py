@@ -385,9 +385,9 @@ class _IncrementalMLP:
                 self.rows1.append(None)
                 continue
             t, sign, mu = self.local[k]
-            col = torch.where(sign > 0, h0[:, t], mu)
-            rows = self.all if e < 4 else (col != h[:, t]).any(1).nonzero().squeeze(1)
-            h[:, t] = col
+            col = torch.where(sign > 0, h0.index_select(1, t), mu)
+            rows = self.all if e < 4 else (col != h.index_select(1, t)).any(1).nonzero().squeeze(1)
+            h.index_copy_(1, t, col)
             self.rows1.append(rows)
             queued = sum(sizes)
             torch.index_select(h, 0, rows, out=batch[queued:queued + rows.numel()])
@@ -478,7 +478,7 @@ class _IncrementalMLP:
             rows, m, src = self.rows1[k], 1, z1
         else:
             t, sign, mu = self.local[k]
-            d = torch.relu(self.z[m][:, t]).sub_(mu).mul_(sign)  # h_new - h_old (0 exactly where h is unchanged)
+            d = self.z[m].index_select(1, t).relu_().sub_(mu).mul_(sign)  # h_new - h_old (0 exactly where h is unchanged)
             rows = d.any(1).nonzero().squeeze(1)
             if self.rank[k]:
                 self.cache[m] = None
