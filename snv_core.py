@@ -113,11 +113,11 @@ class MaskedAccuracy:
     call in order, each from the previous one (see `_IncrementalMLP`). The second layer's pre-activations are
     naive's own (one batched F.linear over the images whose first-layer output changed); above it, a neuron
     joining or leaving S moves the next layer by a rank-t term on the images whose output changed, and the
-    layers above are recomputed for those images from the members of S only. An image's argmax t is accepted
-    where z_L[t] - B[t] > z_L[c] + B[c] for every c != t, with B a rigorous bound on |naive's float32 logits -
-    ours| (both roundings, gamma_{n+2} (|W| |h| + |b|) per layer, carried through |W| and the members of S);
-    the others run naive's forward (`recomputed` counts them). So V(S) equals naive's exactly, ties included
-    (a tie has margin 0 < 2B).
+    layers above are recomputed for those images from the members of S only. With B a rigorous bound on
+    |naive's float32 logits - ours| (both roundings, gamma_{n+2} (|W| |h| + |b|) per layer, carried through |W|
+    and the members of S), an image with label y counts as correct where z_L[y] - B[y] > z_L[c] + B[c] for every
+    c != y, as wrong where z_L[c] - B[c] > z_L[y] + B[y] for some c; the others run naive's forward (`recomputed`
+    counts them). So V(S) equals naive's exactly, ties included (a tie has margin 0 < 2B).
     `groups_in[s]`, `groups_out[s]` count the images each half of stage s ran for, in units of E (fast).
     The fast evaluator's chunk is `chunk` coalitions, fewer where `memory_gb` would not hold that many
     coalitions' activations of the widest stage (see `fast_chunk`).
@@ -266,8 +266,9 @@ class _IncrementalMLP:
     update z_{m+1}[R] += (h_new - h_old)[R, t] w_{m+1}[:, t]^T (the head is cheaper to recompute); a layer toggled
     above m: all images from there on. Every layer above is recomputed on R
     from the members M of the layer below only: z_{l+1} = relu(z_l[R, M]) w_{l+1}[:, M]^T + (w_{l+1}[:, ~M]
-    relu(mu)[~M] + b), which costs |R| |M| n instead of E N n. Then image b's argmax t is naive's for sure when
-    z_L[t] - B[t] > z_L[c] + B[c] for every c != t; the other images (`recomputed`) run naive's forward.
+    relu(mu)[~M] + b), which costs |R| |M| n instead of E N n. Then image b with label y is surely correct when
+    z_L[y] - B[y] > z_L[c] + B[c] for every c != y, surely wrong when z_L[c] - B[c] > z_L[y] + B[y] for some c
+    (V needs no more); the other images (`recomputed`) run naive's forward.
 
     The bound, for the coalitions of a window of WINDOW (P_l is taken for their union U; it only grows with S):
     B = sum_{l=2..L} P_l e_l with P_L = I, P_{l-1} = P_l |w_l| D_{l-1}(U) (D: diag of U's members; a non-member
@@ -514,21 +515,27 @@ class _IncrementalMLP:
         return (self.pred == self.acc.y).double().mean(1)
 
     def decide(self) -> None:
-        """pred [K, E]: each image's argmax at its latest re-decision where certain, else -1 (for `exact`)."""
+        """pred [K, E], from each image's latest re-decision: its label where naive's argmax is surely the label, -2
+        where it is surely another class (some class's lowest logit exceeds the label's highest; which class wins
+        does not change V), else -1 (for `exact`)."""
         rows = torch.cat([r for _, r, _ in self.records])
         coalition = torch.repeat_interleave(torch.tensor([k for k, _, _ in self.records], device=rows.device),
                                             torch.tensor([r.numel() for _, r, _ in self.records], device=rows.device))
         last = torch.cat([s for _, _, s in self.records])
-        logits, bound = last[:, :self.classes], last[:, self.classes:]
-        top = logits.argmax(1, keepdim=True)
-        low = logits.gather(1, top).squeeze(1).double() - bound.gather(1, top).squeeze(1).double() * UP
-        high = (logits + bound).scatter_(1, top, -math.inf).amax(1).double()  # a float32 sum: within u of exact
-        sure = low > high + 2 * U32 * (high.abs() + low.abs() + bound.amax(1).double())
+        logits, bound = last[:, :self.classes], last[:, self.classes:] * UP
+        label = self.acc.y[rows].unsqueeze(1)
+        high, low = logits + bound, logits - bound  # float32: within u |.| of exact
+        label_high, label_low = high.gather(1, label).squeeze(1).double(), low.gather(1, label).squeeze(1).double()
+        other_high = high.scatter_(1, label, -math.inf).amax(1).double()
+        other_low = low.scatter_(1, label, -math.inf).amax(1).double()
+        slack = 2 * U32 * (label_high.abs() + label_low.abs() + other_high.abs() + other_low.abs())
+        verdict = torch.where(label_low > other_high + slack, label.squeeze(1),
+                              torch.where(other_low > label_high + slack, -2, -1))
         k_count = self.keeps.shape[0]
         event = torch.zeros(k_count, self.e, dtype=torch.bool, device=rows.device)
         event[coalition, rows] = True
         value = torch.full((k_count, self.e), -1, dtype=torch.long, device=rows.device)
-        value[coalition, rows] = torch.where(sure, top.squeeze(1), -1)
+        value[coalition, rows] = verdict
         latest = torch.where(event, torch.arange(k_count, device=rows.device).unsqueeze(1), 0).cummax(0).values
         self.pred = value.gather(0, latest)
 
@@ -537,7 +544,7 @@ class _IncrementalMLP:
         """Naive's forward for the undecided (coalition, image) pairs, batched (at least E rows per batch, as in the
         fast path); with E < 4, whole naive passes."""
         acc, model = self.acc, self.acc.model
-        coalition, image = (self.pred < 0).nonzero().unbind(1)
+        coalition, image = (self.pred == -1).nonzero().unbind(1)
         if coalition.numel() == 0:
             return
         self.recomputed += coalition.numel()

@@ -119,6 +119,16 @@ def test_incremental_certificate_sends_near_ties_to_the_exact_path():
     assert naive.max() > 0  # naive's float32 ties answer class 0 (the label) on some images
 
 
+def test_incremental_certifies_a_near_tie_between_two_wrong_classes():
+    """Label 2 (never the argmax: weight 0, bias -100) while classes 0 and 1 are near-tied: naive's winner among
+    them is uncertain, but every image is surely wrong, so none needs the exact path."""
+    model, x, _, mu = near_tie_mlp()
+    y = torch.full((x.shape[0],), 2)
+    naive, inc, recomputed = values(model, x, y, mu, walks(model.num_neurons, 2, seed=1))
+    assert torch.equal(inc, naive)
+    assert naive.max() == 0.0 and recomputed == 0
+
+
 def cancelling_head_mlp(seed: int) -> tuple[MLP, Tensor, Tensor, Tensor]:
     """Head rows of classes 0 and 1 with large weights of both signs, 1e-6 apart (relative): their logits are
     sums with cancellation, whose float32 rounding depends on the summation order; the label is 0."""
