@@ -130,6 +130,10 @@ class MaskedAccuracy:
         if impl == "incremental" and not (isinstance(model, MLP) and len(model.linears) >= 2):
             raise ValueError(f"the incremental Shapley evaluator supports the MLP (2 or more hidden layers) only, not "
                              f"this {type(model).__name__}: use --shapley-impl fast")
+        classes = model.heads[task].out_features
+        if y.numel() and not (0 <= int(y.min()) and int(y.max()) < classes):
+            raise ValueError(f"MaskedAccuracy: labels must be head {task}'s classes 0..{classes - 1}, got "
+                             f"{int(y.min())}..{int(y.max())} (task-local labels, not global ones)")
         self.model, self.task, self.x, self.y, self.mu = model, task, x, y, mu
         self.impl, self.chunk = impl, fast_chunk(model, x, memory_gb, chunk)
         self.evaluations = 0

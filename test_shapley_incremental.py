@@ -170,6 +170,14 @@ def test_permutation_shapley_incremental_equals_naive():
     assert torch.equal(phis[0], phis[1])
 
 
+@pytest.mark.parametrize("impl", snv_core.SHAPLEY_IMPLS)
+def test_masked_accuracy_rejects_labels_outside_the_head(impl):
+    model, x, y = trained_mlp(8)
+    mu = snv_core.mean_activations(model, [(x, y)])
+    with pytest.raises(ValueError, match="labels must be head 0's classes 0..3, got 0..4"):
+        snv_core.MaskedAccuracy(model, 0, x, torch.cat([torch.tensor([0, 4]), y[2:]]), mu, impl)
+
+
 def test_incremental_rejects_the_resnet():
     model = build_model("resnet18", (3, 8, 8), width=4)
     model.add_head(2)
