@@ -130,10 +130,6 @@ class MaskedAccuracy:
         if impl == "incremental" and not (isinstance(model, MLP) and len(model.linears) >= 2):
             raise ValueError(f"the incremental Shapley evaluator supports the MLP (2 or more hidden layers) only, not "
                              f"this {type(model).__name__}: use --shapley-impl fast")
-        classes = model.heads[task].out_features
-        if y.numel() and not (0 <= int(y.min()) and int(y.max()) < classes):
-            raise ValueError(f"MaskedAccuracy: labels must be head {task}'s classes 0..{classes - 1}, got "
-                             f"{int(y.min())}..{int(y.max())} (task-local labels, not global ones)")
         self.model, self.task, self.x, self.y, self.mu = model, task, x, y, mu
         self.impl, self.chunk = impl, fast_chunk(model, x, memory_gb, chunk)
         self.evaluations = 0
@@ -527,7 +523,8 @@ class _IncrementalMLP:
                                             torch.tensor([r.numel() for _, r, _ in self.records], device=rows.device))
         last = torch.cat([s for _, _, s in self.records])
         logits, bound = last[:, :self.classes], last[:, self.classes:] * UP
-        label = self.acc.y[rows].unsqueeze(1)
+        y = self.acc.y[rows]
+        label = y.clamp(0, self.classes - 1).unsqueeze(1)  # a label outside the head is never the argmax: wrong
         high, low = logits + bound, logits - bound  # float32: within u |.| of exact
         label_high, label_low = high.gather(1, label).squeeze(1).double(), low.gather(1, label).squeeze(1).double()
         other_high = high.scatter_(1, label, -math.inf).amax(1).double()
@@ -535,6 +532,7 @@ class _IncrementalMLP:
         slack = 2 * U32 * (label_high.abs() + label_low.abs() + other_high.abs() + other_low.abs())
         verdict = torch.where(label_low > other_high + slack, label.squeeze(1),
                               torch.where(other_low > label_high + slack, -2, -1))
+        verdict.masked_fill_(label.squeeze(1) != y, -2)
         k_count = self.keeps.shape[0]
         event = torch.zeros(k_count, self.e, dtype=torch.bool, device=rows.device)
         event[coalition, rows] = True
