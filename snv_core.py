@@ -309,6 +309,21 @@ class _IncrementalMLP:
         self.e, dev = acc.x.shape[0], keeps.device
         self.all = torch.arange(self.e, device=dev)
         self.state = [None, None] + [torch.empty(self.e, n + self.classes, device=dev) for n in self.n[2:-1]]
+        # the products' rows [w_l; 2 gamma Q_l (; carry)]^T and the rank updates' rows: start_window writes the
+        # bound columns, the rest is the same for every window
+        self.wq_t = [None, None] + [torch.zeros(self.n[l - 1] + self.classes * (l > 2), self.n[l] + self.classes,
+                                                device=dev) for l in range(2, self.depth + 1)]
+        self.rank_w = [None, None] + [torch.zeros(self.n[l - 1], 2, self.n[l] + self.classes, device=dev)
+                                      for l in range(2, self.depth)]
+        for l in range(2, self.depth + 1):
+            self.wq_t[l][:self.n[l - 1], :self.n[l]] = self.w[l].T
+            if l > 2:
+                self.wq_t[l][self.n[l - 1]:, self.n[l]:] = torch.eye(self.classes, device=dev)
+            if l < self.depth:
+                self.rank_w[l][:, 0, :self.n[l]] = self.w[l].T
+        self.bias = [None, None] + [torch.cat([self.b[l], self.b[l].new_zeros(self.classes)])
+                                    for l in range(2, self.depth + 1)]
+        self.p1u: list[Tensor | None] = [None] * self.depth
         self.z = [self.z0, None] + [s[:, :n] for s, n in zip(self.state[2:], self.n[2:-1])]
         self.schedule()
         self.delta = self.a_priori_deltas()
@@ -320,7 +335,7 @@ class _IncrementalMLP:
         """Per coalition k: `first[k]` (the first layer with a toggled neuron; depth if none), `toggled[k]` (its
         layers), where a neuron toggles `local[k]` = (the toggled neurons t of layer m = first[k], +1 where t joins
         and -1 where it leaves, relu(mu)[t]), `rank[k]` (whether k takes a rank update: 1 <= m < L-1, only layer m
-        toggled, t <= MAX_RANK) and `rank_toggles[l]` (the most neurons that a window's rank updates into z_l toggle)."""
+        toggled, t <= MAX_RANK) and `rank_toggles[l]` (the most neurons a window's rank updates into z_l toggle)."""
         k_count, dev = self.keeps.shape[0], self.keeps.device
         coalition, neuron = (self.keeps[1:] != self.keeps[:-1]).nonzero().unbind(1)
         coalition = coalition + 1
@@ -400,37 +415,24 @@ class _IncrementalMLP:
         self.z1_rows = iter(out)
 
     def start_window(self, k: int) -> Tensor:
-        """For coalitions k..k+WINDOW-1: P, the product rows [w_l; 2 gamma Q_l], the rank updates' rows and the
-        constants (biases; the head's bound terms); every layer recomputed for coalition k. Returns its logits | bound
+        """For coalitions k..k+WINDOW-1: P, the bound columns 2 gamma Q_l^T of the product rows and the rank updates'
+        rows, and the head's constant bound terms; every layer recomputed for coalition k. Returns its logits | bound
         [E, 2C]."""
         hi, dev = min(k + self.WINDOW, self.keeps.shape[0]), self.keeps.device
         union = [lk[k:hi].any(0).float() for lk in self.layer_keeps]
         prop = torch.eye(self.classes, device=dev)
-        self.wq_t: list[Tensor | None] = [None] * (self.depth + 1)  # [w_l; 2 gamma Q_l (; carry)]^T, contiguous
-        self.rank_w: list[Tensor | None] = [None] * self.depth
-        self.p1u: list[Tensor | None] = [None] * self.depth
         const = torch.zeros(self.classes, device=dev)
         for l in range(self.depth, 1, -1):
             q = prop @ self.abs_w[l] * UP
-            wq = torch.cat([self.w[l], q * (2 * self.g[l] * UP)])
+            bound_rows = q.T * (2 * self.g[l] * UP)  # [n_{l-1}, C]
+            self.wq_t[l][:self.n[l - 1], self.n[l]:] = bound_rows
             if l < self.depth:  # per neuron of layer l-1: [w^T | 0] and [0 | 2 gamma Q^T + gamma max|w| P_l 1]
                 p1 = prop.sum(1) * UP
                 self.p1u[l] = p1 * (U32 * UP)
-                rows = wq.T.clone()
-                bound = rows.clone()
-                bound[:, :self.n[l]] = 0
-                bound[:, self.n[l]:] += self.rank_gamma * UP * self.wmax[l].unsqueeze(1) * p1
-                rows[:, self.n[l]:] = 0
-                self.rank_w[l] = torch.stack([rows, bound], 1)
-            if l > 2:
-                carry = torch.cat([torch.zeros(self.n[l], self.classes), torch.eye(self.classes)]).to(q)
-                wq = torch.cat([wq, carry], 1)
-            self.wq_t[l] = wq.T.contiguous()
+                self.rank_w[l][:, 1, self.n[l]:] = bound_rows + self.rank_gamma * UP * self.wmax[l].unsqueeze(1) * p1
             const += (2 * self.g[l] * (prop @ self.b[l].abs()) + self.g[l] * (q @ union[l - 1]) * self.delta[l - 1]) * UP
             prop = q * union[l - 1]
-        zeros = torch.zeros(self.classes, device=dev)
-        self.bias = [None] * 2 + [torch.cat([self.b[l], const * UP if l == self.depth else zeros])
-                                  for l in range(2, self.depth + 1)]
+        self.bias[self.depth][self.classes:] = const * UP
         self.cache = [None] * self.depth
         for l in range(1, self.depth):
             out = self.fresh(l, k, self.all)
@@ -479,7 +481,7 @@ class _IncrementalMLP:
             rows, m, src = self.rows1[k], 1, z1
         else:
             t, sign, mu = self.local[k]
-            d = self.z[m].index_select(1, t).relu_().sub_(mu).mul_(sign)  # h_new - h_old (0 exactly where h is unchanged)
+            d = self.z[m].index_select(1, t).relu_().sub_(mu).mul_(sign)  # h_new - h_old (0 exactly where unchanged)
             rows = d.any(1).nonzero().squeeze(1)
             if self.rank[k]:
                 self.cache[m] = None
