@@ -349,8 +349,8 @@ class _IncrementalMLP:
         in_first = layer == first[coalition]  # the toggles of each coalition's first toggled layer
         coalition, neuron, layer = coalition[in_first], neuron[in_first], layer[in_first]
         parts = (neuron - offsets[layer], self.keeps[coalition, neuron] * 2.0 - 1.0, torch.cat(self.mu)[neuron])
-        counts = torch.bincount(coalition, minlength=k_count).tolist()
-        split = zip(*(x.split(counts) for x in parts))
+        local_counts = torch.bincount(coalition, minlength=k_count).tolist()
+        split = zip(*(x.split(local_counts) for x in parts))
         self.local = [None if m == self.depth else p for m, p in zip(self.first, split)]
         self.rank = [0 < m < self.depth - 1 and k % self.WINDOW > 0 and len(self.toggled[k]) == 1
                      and self.local[k][0].numel() <= self.MAX_RANK for k, m in enumerate(self.first)]
@@ -526,15 +526,16 @@ class _IncrementalMLP:
         last = torch.cat([s for _, _, s in self.records])
         logits, bound = last[:, :self.classes], last[:, self.classes:] * UP
         y = self.acc.y[rows]
-        label = y.clamp(0, self.classes - 1).unsqueeze(1)  # a label outside the head is never the argmax: wrong
+        label = y.clamp(0, self.classes - 1)  # a label outside the head is never the argmax: wrong (below)
+        index = label.unsqueeze(1)
         high, low = logits + bound, logits - bound  # float32: within u |.| of exact
-        label_high, label_low = high.gather(1, label).squeeze(1).double(), low.gather(1, label).squeeze(1).double()
-        other_high = high.scatter_(1, label, -math.inf).amax(1).double()
-        other_low = low.scatter_(1, label, -math.inf).amax(1).double()
+        label_high, label_low = high.gather(1, index).squeeze(1).double(), low.gather(1, index).squeeze(1).double()
+        other_high = high.scatter_(1, index, -math.inf).amax(1).double()
+        other_low = low.scatter_(1, index, -math.inf).amax(1).double()
         slack = 2 * U32 * (label_high.abs() + label_low.abs() + other_high.abs() + other_low.abs())
-        verdict = torch.where(label_low > other_high + slack, label.squeeze(1),
+        verdict = torch.where(label_low > other_high + slack, label,
                               torch.where(other_low > label_high + slack, -2, -1))
-        verdict.masked_fill_(label.squeeze(1) != y, -2)
+        verdict.masked_fill_(label != y, -2)
         k_count = self.keeps.shape[0]
         event = torch.zeros(k_count, self.e, dtype=torch.bool, device=rows.device)
         event[coalition, rows] = True
