@@ -276,10 +276,13 @@ class _IncrementalMLP:
     h_{l-1}. Naive's float32 product is within gamma_{n+1} (|w_l| |h^_{l-1}| + |b_l|) of exact (u = 2^-24, gamma_n
     = n u / (1 - n u)), with |h^| <= h + D delta_{l-1} (delta: an a priori bound of |naive's z - ours|); ours,
     the members' product plus a float32 constant, within gamma_{n+2} (|w_l| h_{l-1} + |b_l|). So
-    b_l = b_{l-1} + 2 gamma_{n+2} Q_l h_{l-1}, Q_l = P_l |w_l|, computed in the same product as z_l (the rows
-    [w_l; 2 gamma Q_l] and, for l > 2, an identity that carries b_{l-1}); a rank update adds
-    2 gamma Q_l[:, t] |h_new - h_old| and its own rounding times P_l 1: z_old plus t products d w, summed in any
-    order, is within t u |z_new| + gamma_{2t+2} |d| max|w| of exact (to first order; t <= MAX_RANK).
+    b_l = b_{l-1} + c_l Q_l h_{l-1}, Q_l = P_l |w_l|, c_l = 2 gamma_{n+2} + T_l u, computed in the same product as
+    z_l (the rows [w_l; c_l Q_l] and, for l > 2, an identity that carries b_{l-1}); a rank update adds
+    c_l Q_l[:, t] |d| + gamma_{2t+2} |d| max|w| P_l 1 for h_{l-1} changed by d = h_new - h_old at neurons t: z_old
+    plus t products d w, summed in any order, is within t u |z_new| + gamma_{2t+2} |d| max|w| of exact (to first
+    order; t <= MAX_RANK). T_l u pays the first term: T_l is the number of neurons the window's rank updates into
+    z_l toggle, and over a row's updates since its z_l was last recomputed from h^0 (h >= 0, so each h <= h^0 +
+    the |d| so far; |z| <= |w_l| h + |b_l|), sum t u P_l |z_new| <= T_l u (Q_l h^0 + Q_l sum |d| + P_l |b_l|).
     Constants (biases, the second-order delta terms) are added at the head. Every term is a float32 sum of
     nonnegative numbers, inflated by 2^-10 per layer.
     """
@@ -323,7 +326,6 @@ class _IncrementalMLP:
                 self.rank_w[l][:, 0, :self.n[l]] = self.w[l].T
         self.bias = [None, None] + [torch.cat([self.b[l], self.b[l].new_zeros(self.classes)])
                                     for l in range(2, self.depth + 1)]
-        self.p1u: list[Tensor | None] = [None] * self.depth
         self.z = [self.z0, None] + [s[:, :n] for s, n in zip(self.state[2:], self.n[2:-1])]
         self.schedule()
         self.delta = self.a_priori_deltas()
@@ -335,7 +337,8 @@ class _IncrementalMLP:
         """Per coalition k: `first[k]` (the first layer with a toggled neuron; depth if none), `toggled[k]` (its
         layers), where a neuron toggles `local[k]` = (the toggled neurons t of layer m = first[k], +1 where t joins
         and -1 where it leaves, relu(mu)[t]), `rank[k]` (whether k takes a rank update: 1 <= m < L-1, only layer m
-        toggled, t <= MAX_RANK) and `rank_toggles[l]` (the most neurons a window's rank updates into z_l toggle)."""
+        toggled, t <= MAX_RANK), `window_toggles[w][l]` (the neurons window w's rank updates into z_l toggle, l <= L) and
+        `rank_toggles[l]` (their most over the windows)."""
         k_count, dev = self.keeps.shape[0], self.keeps.device
         coalition, neuron = (self.keeps[1:] != self.keeps[:-1]).nonzero().unbind(1)
         coalition = coalition + 1
@@ -354,7 +357,7 @@ class _IncrementalMLP:
         self.local = [None if m == self.depth else p for m, p in zip(self.first, split)]
         self.rank = [0 < m < self.depth - 1 and k % self.WINDOW > 0 and len(self.toggled[k]) == 1
                      and self.local[k][0].numel() <= self.MAX_RANK for k, m in enumerate(self.first)]
-        windows = [[0] * self.depth for _ in range(0, k_count, self.WINDOW)]
+        windows = self.window_toggles = [[0] * (self.depth + 1) for _ in range(0, k_count, self.WINDOW)]
         for k in range(k_count):
             if self.rank[k]:
                 windows[k // self.WINDOW][self.first[k] + 1] += self.local[k][0].numel()
@@ -424,13 +427,13 @@ class _IncrementalMLP:
         const = torch.zeros(self.classes, device=dev)
         for l in range(self.depth, 1, -1):
             q = prop @ self.abs_w[l] * UP
-            bound_rows = q.T * (2 * self.g[l] * UP)  # [n_{l-1}, C]
+            coef = 2 * self.g[l] + U32 * self.window_toggles[k // self.WINDOW][l]  # c_l
+            bound_rows = q.T * (coef * UP)  # [n_{l-1}, C]
             self.wq_t[l][:self.n[l - 1], self.n[l]:] = bound_rows
-            if l < self.depth:  # per neuron of layer l-1: [w^T | 0] and [0 | 2 gamma Q^T + gamma max|w| P_l 1]
+            if l < self.depth:  # per neuron of layer l-1: [w^T | 0] and [0 | c_l Q^T + gamma max|w| P_l 1]
                 p1 = prop.sum(1) * UP
-                self.p1u[l] = p1 * (U32 * UP)
                 self.rank_w[l][:, 1, self.n[l]:] = bound_rows + self.rank_gamma * UP * self.wmax[l].unsqueeze(1) * p1
-            const += (2 * self.g[l] * (prop @ self.b[l].abs()) + self.g[l] * (q @ union[l - 1]) * self.delta[l - 1]) * UP
+            const += (coef * (prop @ self.b[l].abs()) + self.g[l] * (q @ union[l - 1]) * self.delta[l - 1]) * UP
             prop = q * union[l - 1]
         self.bias[self.depth][self.classes:] = const * UP
         self.cache = [None] * self.depth
@@ -455,19 +458,20 @@ class _IncrementalMLP:
         if src is None:
             src = self.state[l] if l > 1 else self.z[1]
             src = src if rows.numel() == self.e else src.index_select(0, rows)
-        out = torch.addmm(const, src.index_select(1, cols).relu_(), rows_w)
-        if l + 1 < self.depth:
+        every = rows.numel() == self.e and l + 1 < self.depth
+        out = torch.addmm(const, src.index_select(1, cols).relu_(), rows_w, out=self.state[l + 1] if every else None)
+        if l + 1 < self.depth and not every:
             self.state[l + 1].index_copy_(0, rows, out)
         return out
 
     def rank_update(self, m: int, t: Tensor, d: Tensor, rows: Tensor) -> Tensor:
-        """state[m+1][rows] += d [w; 0][:, t]^T + |d| [0; 2 gamma Q + own][:, t]^T for h_m changed by d [R, t] at
-        neurons t (`rank_w`; own: the gamma |d| max|w| part of the update's own rounding), then t u |z_new| P_{m+1} 1.
-        Returns state[m+1][rows]."""
-        s = self.state[m + 1].index_select(0, rows)
+        """state[m+1][rows] += d [w; 0][:, t]^T + |d| [0; c Q + own][:, t]^T for h_m changed by d [R, t] at neurons t
+        (`rank_w`; own: the gamma |d| max|w| part of the update's own rounding). Returns state[m+1][rows]."""
+        every = rows.numel() == self.e
+        s = self.state[m + 1] if every else self.state[m + 1].index_select(0, rows)
         s.addmm_(torch.stack([d, d.abs()], 2).flatten(1), self.rank_w[m + 1].index_select(0, t).flatten(0, 1))
-        s[:, self.n[m + 1]:].addr_(s[:, :self.n[m + 1]].abs().amax(1), self.p1u[m + 1], alpha=t.numel())
-        self.state[m + 1].index_copy_(0, rows, s)
+        if not every:
+            self.state[m + 1].index_copy_(0, rows, s)
         return s
 
     def step(self, k: int, z1: Tensor | None) -> tuple[Tensor, Tensor] | None:
@@ -481,7 +485,7 @@ class _IncrementalMLP:
             rows, m, src = self.rows1[k], 1, z1
         else:
             t, sign, mu = self.local[k]
-            d = self.z[m].index_select(1, t).relu_().sub_(mu).mul_(sign)  # h_new - h_old (0 exactly where unchanged)
+            d = self.z[m][:, t].relu_().sub_(mu).mul_(sign)  # h_new - h_old (0 exactly where unchanged)
             rows = d.any(1).nonzero().squeeze(1)
             if self.rank[k]:
                 self.cache[m] = None
@@ -514,7 +518,7 @@ class _IncrementalMLP:
                 self.records.append((k, *changed))
         self.decide()
         self.exact()
-        return (self.pred == self.acc.y).double().mean(1)
+        return (self.pred == self.acc.y.unsqueeze(1)).double().mean(0)
 
     def decide(self) -> None:
         """pred [K, E], from each image's latest re-decision: its label where naive's argmax is surely the label, -2
@@ -537,26 +541,26 @@ class _IncrementalMLP:
                               torch.where(other_low > label_high + slack, -2, -1))
         verdict.masked_fill_(label != y, -2)
         k_count = self.keeps.shape[0]
-        event = torch.zeros(k_count, self.e, dtype=torch.bool, device=rows.device)
-        event[coalition, rows] = True
-        value = torch.full((k_count, self.e), -1, dtype=torch.long, device=rows.device)
-        value[coalition, rows] = verdict
-        latest = torch.where(event, torch.arange(k_count, device=rows.device).unsqueeze(1), 0).cummax(0).values
-        self.pred = value.gather(0, latest)
+        event = torch.zeros(self.e, k_count, dtype=torch.bool, device=rows.device)
+        event[rows, coalition] = True
+        value = torch.full((self.e, k_count), -1, dtype=torch.long, device=rows.device)
+        value[rows, coalition] = verdict
+        latest = torch.where(event, torch.arange(k_count, device=rows.device), 0).cummax(1).values
+        self.pred = value.gather(1, latest)
 
     @torch.no_grad()
     def exact(self) -> None:
         """Naive's forward for the undecided (coalition, image) pairs, batched (at least E rows per batch, as in the
         fast path); with E < 4, whole naive passes."""
         acc, model = self.acc, self.acc.model
-        coalition, image = (self.pred == -1).nonzero().unbind(1)
+        image, coalition = (self.pred == -1).nonzero().unbind(1)
         if coalition.numel() == 0:
             return
         self.recomputed += coalition.numel()
         if self.e < 4:
             for k in coalition.unique().tolist():
                 with model.gated(self.keeps[k], acc.mu):
-                    self.pred[k] = model(acc.x, acc.task).argmax(1)
+                    self.pred[:, k] = model(acc.x, acc.task).argmax(1)
             return
         for c, i in zip(torch.split(coalition, self.GROUP), torch.split(image, self.GROUP)):
             m = c.numel()
@@ -568,7 +572,7 @@ class _IncrementalMLP:
                 z = h if s == 0 else model.stage_in(s, h)
                 with model.gated_layers({s: (layer_keeps[s], acc.mu_layers[s])}):
                     h = model.stage_out(s, z)
-            self.pred[c, i] = model.heads[acc.task](model.pool(h))[:m].argmax(1)
+            self.pred[i, c] = model.heads[acc.task](model.pool(h))[:m].argmax(1)
 
 
 def exact_shapley(v: ValueFn, n: int) -> Tensor:
