@@ -312,7 +312,7 @@ class _IncrementalMLP:
         self.e, dev = acc.x.shape[0], keeps.device
         self.all = torch.arange(self.e, device=dev)
         self.state = [None, None] + [torch.empty(self.e, n + self.classes, device=dev) for n in self.n[2:-1]]
-        # the products' rows [w_l; 2 gamma Q_l (; carry)]^T and the rank updates' rows: start_window writes the
+        # the products' rows [w_l; c_l Q_l (; carry)]^T and the rank updates' rows: start_window writes the
         # bound columns, the rest is the same for every window
         self.wq_t = [None, None] + [torch.zeros(self.n[l - 1] + self.classes * (l > 2), self.n[l] + self.classes,
                                                 device=dev) for l in range(2, self.depth + 1)]
@@ -418,7 +418,7 @@ class _IncrementalMLP:
         self.z1_rows = iter(out)
 
     def start_window(self, k: int) -> Tensor:
-        """For coalitions k..k+WINDOW-1: P, the bound columns 2 gamma Q_l^T of the product rows and the rank updates'
+        """For coalitions k..k+WINDOW-1: P, the bound columns c_l Q_l^T of the product rows and the rank updates'
         rows, and the head's constant bound terms; every layer recomputed for coalition k. Returns its logits | bound
         [E, 2C]."""
         hi, dev = min(k + self.WINDOW, self.keeps.shape[0]), self.keeps.device
@@ -452,25 +452,28 @@ class _IncrementalMLP:
         return self.cache[l]
 
     def fresh(self, l: int, k: int, rows: Tensor, src: Tensor | None = None) -> Tensor:
-        """state[l+1][rows] = relu(z_l | b_l)[rows, M] [w; 2 gamma Q; carry][:, M]^T + constant; src: state[l][rows]
-        where the caller has it. Returns state[l+1][rows] (for l = L-1: [z_L | B][rows], kept in no state)."""
+        """state[l+1][rows] = relu(z_l | b_l)[rows, M] [w; c Q; carry][:, M]^T + constant (in place where rows are
+        all E); src: state[l][rows] where the caller has it. Returns state[l+1][rows] (for l = L-1: [z_L | B][rows],
+        kept in no state)."""
         cols, rows_w, const = self.weights(l, k)
         if src is None:
             src = self.state[l] if l > 1 else self.z[1]
             src = src if rows.numel() == self.e else src.index_select(0, rows)
-        every = rows.numel() == self.e and l + 1 < self.depth
-        out = torch.addmm(const, src.index_select(1, cols).relu_(), rows_w, out=self.state[l + 1] if every else None)
-        if l + 1 < self.depth and not every:
+        kept, whole = l + 1 < self.depth, rows.numel() == self.e
+        out = torch.addmm(const, src.index_select(1, cols).relu_(), rows_w,
+                          out=self.state[l + 1] if kept and whole else None)
+        if kept and not whole:
             self.state[l + 1].index_copy_(0, rows, out)
         return out
 
     def rank_update(self, m: int, t: Tensor, d: Tensor, rows: Tensor) -> Tensor:
         """state[m+1][rows] += d [w; 0][:, t]^T + |d| [0; c Q + own][:, t]^T for h_m changed by d [R, t] at neurons t
-        (`rank_w`; own: the gamma |d| max|w| part of the update's own rounding). Returns state[m+1][rows]."""
-        every = rows.numel() == self.e
-        s = self.state[m + 1] if every else self.state[m + 1].index_select(0, rows)
+        (`rank_w`; own: the gamma |d| max|w| part of the update's own rounding), in place where rows are all E.
+        Returns state[m+1][rows]."""
+        whole = rows.numel() == self.e
+        s = self.state[m + 1] if whole else self.state[m + 1].index_select(0, rows)
         s.addmm_(torch.stack([d, d.abs()], 2).flatten(1), self.rank_w[m + 1].index_select(0, t).flatten(0, 1))
-        if not every:
+        if not whole:
             self.state[m + 1].index_copy_(0, rows, s)
         return s
 
@@ -521,7 +524,7 @@ class _IncrementalMLP:
         return (self.pred == self.acc.y.unsqueeze(1)).double().mean(0)
 
     def decide(self) -> None:
-        """pred [K, E], from each image's latest re-decision: its label where naive's argmax is surely the label, -2
+        """pred [E, K], from each image's latest re-decision: its label where naive's argmax is surely the label, -2
         where it is surely another class (some class's lowest logit exceeds the label's highest; which class wins
         does not change V), else -1 (for `exact`)."""
         rows = torch.cat([r for _, r, _ in self.records])
