@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import Tensor
 
+import bench_shapley
 import snv_core
 from models import MLP, build_model
 from test_snv import briefly_trained
@@ -221,3 +222,14 @@ def test_incremental_rechecks_images_whose_naive_unit_may_fire():
     naive, inc, _ = values(model, x, y, mu, keeps)
     assert naive[0] == 1.0 and naive[1] < 1.0
     assert torch.equal(inc, naive)
+
+
+def test_incremental_equals_naive_on_the_bench_coalitions():
+    """bench_shapley's MLP case (the PMNIST MLP after one epoch, 512 images): on each of the 800 coalitions its
+    --quick run times, the incremental evaluator's V equals naive's."""
+    model, x, y, keeps = bench_shapley.mlp_case(None, torch.device("cpu"), orderings=1)
+    model.eval()
+    mu = snv_core.mean_activations(model, [(x, y)])
+    naive, inc, recomputed = values(model, x, y, mu, keeps)
+    assert torch.equal(inc, naive)
+    assert naive.unique().numel() > 100 and 0 < recomputed < 0.05 * naive.numel() * x.shape[0]
