@@ -274,7 +274,7 @@ class _IncrementalMLP:
     B = sum_{l=2..L} P_l e_l with P_L = I, P_{l-1} = P_l |w_l| D_{l-1}(U) (D: diag of U's members; a non-member
     outputs relu(mu) in both, a member is 1-Lipschitz), e_l >= |naive's z_l - ours| at layer l given the same
     h_{l-1}. Naive's float32 product is within gamma_{n+1} (|w_l| |h^_{l-1}| + |b_l|) of exact (u = 2^-24, gamma_n
-    = n u / (1 - n u)), with |h^| <= h + D delta_{l-1} (delta: an a priori bound of |naive's z - ours|); ours,
+    = n u / (1 - n u)), with |h^| <= h + D delta_{l-1} (delta: an a priori bound of |naive's z - ours| per neuron); ours,
     the members' product plus a float32 constant, within gamma_{n+2} (|w_l| h_{l-1} + |b_l|). So
     b_l = b_{l-1} + c_l Q_l h_{l-1}, Q_l = P_l |w_l|, c_l = 2 gamma_{n+2} + T_l u, computed in the same product as
     z_l (the rows [w_l; c_l Q_l] and, for l > 2, an identity that carries b_{l-1}); a rank update adds
@@ -363,20 +363,20 @@ class _IncrementalMLP:
                 windows[k // self.WINDOW][self.first[k] + 1] += self.local[k][0].numel()
         self.rank_toggles = [max(w[l] for w in windows) for l in range(self.depth)]
 
-    def a_priori_deltas(self) -> list[float]:
-        """delta_l >= |naive's z_l - ours| for every image and coalition of the block (delta_0 = delta_1 = 0), from
-        |h_l| <= h_bound_l and the rounding of a window's rank updates: the second-order term of the bound."""
-        row_sum = [float(w.sum(1).max()) * UP for w in self.abs_w]
-        z_bound, h_bound = float(self.z0.abs().max()), []
-        out = [0.0, 0.0]
+    def a_priori_deltas(self) -> list[Tensor]:
+        """delta_l [n_l] >= |naive's z_l - ours| per neuron, for every image and coalition of the block (delta_0 =
+        delta_1 = 0), from |z_l| <= z_bound_l = 2 (|w_l| h_bound_{l-1} + |b_l|), h_bound = max(z_bound, relu(mu)) per
+        neuron, and the rounding of a window's rank updates: the second-order term of the bound."""
+        z_bound = self.z0.abs().amax(0)
+        out = [z_bound.new_zeros(n) for n in self.n[:2]]
         for l in range(1, self.depth):
-            h_bound.append(max(z_bound, float(self.mu[l - 1].max())))
-            b_max = float(self.b[l].abs().max())
-            z_bound = 2 * (row_sum[l] * h_bound[-1] + b_max)
+            h_bound = torch.maximum(z_bound, self.mu[l - 1])
+            b = self.b[l].abs()
+            z_bound = 2 * (self.abs_w[l] @ h_bound + b) * UP
             if l >= 2:
-                ranks = self.rank_toggles[l] * (self.rank_gamma * 2 * row_sum[l] * h_bound[-1] + U32 * z_bound)
-                out.append((row_sum[l] * out[-1] + 2 * self.g[l] * (row_sum[l] * (h_bound[-1] + out[-1]) + b_max)
-                            + ranks) * UP)
+                ranks = self.rank_toggles[l] * (self.rank_gamma * 2 * (self.abs_w[l] * h_bound).amax(1) + U32 * z_bound)
+                out.append((self.abs_w[l] @ out[-1] + 2 * self.g[l] * (self.abs_w[l] @ (h_bound + out[-1]) + b)
+                            + ranks) * UP * UP)
         return out
 
     def naive_z1(self) -> None:
@@ -433,7 +433,7 @@ class _IncrementalMLP:
             if l < self.depth:  # per neuron of layer l-1: [w^T | 0] and [0 | c_l Q^T + gamma max|w| P_l 1]
                 p1 = prop.sum(1) * UP
                 self.rank_w[l][:, 1, self.n[l]:] = bound_rows + self.rank_gamma * UP * self.wmax[l].unsqueeze(1) * p1
-            const += (coef * (prop @ self.b[l].abs()) + self.g[l] * (q @ union[l - 1]) * self.delta[l - 1]) * UP
+            const += (coef * (prop @ self.b[l].abs()) + self.g[l] * (q @ (union[l - 1] * self.delta[l - 1]))) * UP
             prop = q * union[l - 1]
         self.bias[self.depth][self.classes:] = const * UP
         self.cache = [None] * self.depth
@@ -531,17 +531,20 @@ class _IncrementalMLP:
         coalition = torch.repeat_interleave(torch.tensor([k for k, _, _ in self.records], device=rows.device),
                                             torch.tensor([r.numel() for _, r, _ in self.records], device=rows.device))
         last = torch.cat([s for _, _, s in self.records])
-        logits, bound = last[:, :self.classes], last[:, self.classes:] * UP
+        logits, bound = last[:, :self.classes], last[:, self.classes:]  # bound: B / UP
         y = self.acc.y[rows]
         label = y.clamp(0, self.classes - 1)  # a label outside the head is never the argmax: wrong (below)
         index = label.unsqueeze(1)
-        high, low = logits + bound, logits - bound  # float32: within u |.| of exact
-        label_high, label_low = high.gather(1, index).squeeze(1).double(), low.gather(1, index).squeeze(1).double()
+        high = torch.add(logits, bound, alpha=UP)  # float32: within u |.| of exact
+        label_logit, label_bound = logits.gather(1, index).squeeze(1), bound.gather(1, index).squeeze(1)
+        label_high = high.gather(1, index).squeeze(1).double()
+        label_low = torch.add(label_logit, label_bound, alpha=-UP).double()
         other_high = high.scatter_(1, index, -math.inf).amax(1).double()
-        other_low = low.scatter_(1, index, -math.inf).amax(1).double()
-        slack = 2 * U32 * (label_high.abs() + label_low.abs() + other_high.abs() + other_low.abs())
-        verdict = torch.where(label_low > other_high + slack, label,
-                              torch.where(other_low > label_high + slack, -2, -1))
+        verdict = torch.where(label_low > other_high + 2 * U32 * (label_low.abs() + other_high.abs()), label, -1)
+        rest = (verdict == -1).nonzero().squeeze(1)  # not surely correct: surely wrong?
+        other_low = torch.add(logits[rest], bound[rest], alpha=-UP).scatter_(1, index[rest], -math.inf).amax(1).double()
+        label_high = label_high[rest]
+        verdict[rest] = torch.where(other_low > label_high + 2 * U32 * (other_low.abs() + label_high.abs()), -2, -1)
         verdict.masked_fill_(label != y, -2)
         k_count = self.keeps.shape[0]
         event = torch.zeros(self.e, k_count, dtype=torch.bool, device=rows.device)
