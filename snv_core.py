@@ -274,8 +274,8 @@ class _IncrementalMLP:
     B = sum_{l=2..L} P_l e_l with P_L = I, P_{l-1} = P_l |w_l| D_{l-1}(U) (D: diag of U's members; a non-member
     outputs relu(mu) in both, a member is 1-Lipschitz), e_l >= |naive's z_l - ours| at layer l given the same
     h_{l-1}. Naive's float32 product is within gamma_{n+1} (|w_l| |h^_{l-1}| + |b_l|) of exact (u = 2^-24, gamma_n
-    = n u / (1 - n u)), with |h^| <= h + D delta_{l-1} (delta: an a priori bound of |naive's z - ours| per neuron); ours,
-    the members' product plus a float32 constant, within gamma_{n+2} (|w_l| h_{l-1} + |b_l|). So
+    = n u / (1 - n u)), with |h^| <= h + D delta_{l-1} (delta: an a priori bound of |naive's z - ours| per
+    neuron); ours, the members' product plus a float32 constant, within gamma_{n+2} (|w_l| h_{l-1} + |b_l|). So
     b_l = b_{l-1} + c_l Q_l h_{l-1}, Q_l = P_l |w_l|, c_l = 2 gamma_{n+2} + T_l u, computed in the same product as
     z_l (the rows [w_l; c_l Q_l] and, for l > 2, an identity that carries b_{l-1}); a rank update adds
     c_l Q_l[:, t] |d| + gamma_{2t+2} |d| max|w| P_l 1 for h_{l-1} changed by d = h_new - h_old at neurons t: z_old
