@@ -337,8 +337,8 @@ class _IncrementalMLP:
         """Per coalition k: `first[k]` (the first layer with a toggled neuron; depth if none), `toggled[k]` (its
         layers), where a neuron toggles `local[k]` = (the toggled neurons t of layer m = first[k], +1 where t joins
         and -1 where it leaves, relu(mu)[t]), `rank[k]` (whether k takes a rank update: 1 <= m < L-1, only layer m
-        toggled, t <= MAX_RANK), `window_toggles[w][l]` (the neurons window w's rank updates into z_l toggle, l <= L) and
-        `rank_toggles[l]` (their most over the windows)."""
+        toggled, t <= MAX_RANK), `window_toggles[w][l]` (the neurons window w's rank updates into z_l toggle,
+        l <= L) and `rank_toggles[l]` (their most over the windows)."""
         k_count, dev = self.keeps.shape[0], self.keeps.device
         coalition, neuron = (self.keeps[1:] != self.keeps[:-1]).nonzero().unbind(1)
         coalition = coalition + 1
