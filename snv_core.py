@@ -537,13 +537,13 @@ class _IncrementalMLP:
         index = label.unsqueeze(1)
         high = torch.add(logits, bound, alpha=UP)  # float32: within u |.| of exact
         label_logit, label_bound = logits.gather(1, index).squeeze(1), bound.gather(1, index).squeeze(1)
-        label_high = high.gather(1, index).squeeze(1).double()
         label_low = torch.add(label_logit, label_bound, alpha=-UP).double()
         other_high = high.scatter_(1, index, -math.inf).amax(1).double()
         verdict = torch.where(label_low > other_high + 2 * U32 * (label_low.abs() + other_high.abs()), label, -1)
         rest = (verdict == -1).nonzero().squeeze(1)  # not surely correct: surely wrong?
-        other_low = torch.add(logits[rest], bound[rest], alpha=-UP).scatter_(1, index[rest], -math.inf).amax(1).double()
-        label_high = label_high[rest]
+        label_high = torch.add(label_logit[rest], label_bound[rest], alpha=UP).double()
+        other_low = torch.add(logits[rest], bound[rest], alpha=-UP).scatter_(1, index[rest], -math.inf)
+        other_low = other_low.amax(1).double()
         verdict[rest] = torch.where(other_low > label_high + 2 * U32 * (other_low.abs() + label_high.abs()), -2, -1)
         verdict.masked_fill_(label != y, -2)
         k_count = self.keeps.shape[0]
